@@ -1,0 +1,3 @@
+from bootd.cli import main
+
+raise SystemExit(main())

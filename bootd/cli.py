@@ -1,0 +1,95 @@
+"""`bootd` command line: serve, check (more subcommands arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bootd import __version__
+from bootd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from bootd.inventory import Inventory
+
+
+def _summary(config: Config, path: str) -> str:
+    inv = Inventory(config)
+    lines = [f"{path}: OK"]
+    lines.append(f"  server   {config.server.address} on {', '.join(config.server.interfaces)}"
+                 f" (http :{config.server.http_port}, tftp :{config.server.tftp_port})")
+    lines.append(f"  network  {config.network.subnet}, lease {int(config.network.lease_time)}s")
+    lines.append(f"  pools    {len(config.pools)}: " + ", ".join(
+        f"{p.name} ({len(p.nodes)} nodes{', catch-all' if p.dynamic else ''})"
+        for p in config.pools))
+    lines.append(f"  nodes    {len(inv.nodes)} reserved, "
+                 f"{sum(len(n.macs) for n in inv.nodes)} MACs")
+    lines.append(f"  tags     {len(config.tags)}: {', '.join(config.tags) or '-'}")
+    if inv.catch_all is not None:
+        pool = inv.catch_all
+        lines.append(f"  dynamic  {pool.first}-{pool.last} ({pool.size} addresses) in pool "
+                     f"{pool.name}, names {pool.name_template!r}")
+    else:
+        lines.append("  dynamic  none: unknown MACs get no answer")
+    lines.append(f"  images   {', '.join(config.images) or '-'}; "
+                 f"clusters {', '.join(config.clusters) or '-'}")
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"{args.config}: {len(exc.issues)} error(s)", file=sys.stderr)
+        return 1
+    print(_summary(config, str(args.config)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bootd.daemon import serve
+    from bootd.logs import configure_logging
+    from bootd.store import StoreError
+
+    configure_logging(json=args.log_format == "json" if args.log_format else None,
+                      level=args.log_level)
+    try:
+        return asyncio.run(serve(args.config))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    except (StoreError, OSError) as exc:
+        print(f"bootd: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bootd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bootd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                       help=f"config file (default {DEFAULT_CONFIG_PATH})")
+
+    p = sub.add_parser("check", help="validate a config file and summarise it")
+    with_config(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    with_config(p)
+    p.add_argument("--log-format", choices=["json", "console"], default=None,
+                   help="default: console on a TTY, JSON otherwise")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc

@@ -1,0 +1,569 @@
+"""The configuration contract: one YAML file, validated once into typed data.
+
+Every error names the file, the line and the key path, so `bootd check` reads like a
+compiler. Structural checks are pydantic's; cross-references (tags, images, clusters,
+duplicate MACs/IPs, address plans) are checked here after the structure is sound.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bootd.dhcp.options import OptionValue, encode_option_value, option_code
+from bootd.mac import mac_dashed, normalize_mac
+
+DEFAULT_CONFIG_PATH = Path("/etc/bootd/bootd.yaml")
+
+# ---------------------------------------------------------------------------- value types
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> float:
+    """`90`, `"90s"`, `"1h30m"`, `"2d"` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 1h or 12h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        else:
+            pos, seconds = 0, 0.0
+            for m in _DURATION.finditer(text):
+                if m.start() != pos:
+                    break
+                seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+                pos = m.end()
+            if pos != len(text) or not text:
+                raise ValueError(f"bad duration {value!r} (expected e.g. 30s, 10m, 1h, 12h, 1d)")
+    else:
+        raise ValueError("expected a duration such as 30s, 1h or 12h")
+    if seconds <= 0:
+        raise ValueError("duration must be positive")
+    return seconds
+
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def check_hostname(name: str) -> str:
+    """RFC 1123 host name, lower case (Kubernetes node names must be)."""
+    if not name or len(name) > 253:
+        raise ValueError(f"invalid hostname {name!r}: must be 1-253 characters")
+    if name != name.lower():
+        raise ValueError(f"invalid hostname {name!r}: must be lower case (Kubernetes node name)")
+    for label in name.split("."):
+        if not _LABEL.match(label):
+            raise ValueError(
+                f"invalid hostname {name!r}: each label must be 1-63 of a-z, 0-9 and '-', "
+                "not starting or ending with '-' (RFC 1123)"
+            )
+    return name
+
+
+def _mac(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"malformed MAC address {value!r}")
+    return normalize_mac(value)
+
+
+def _mac_list(value: object) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("a node needs at least one MAC address")
+    macs = [_mac(v) for v in items]
+    if len(set(macs)) != len(macs):
+        raise ValueError("the same MAC is listed twice")
+    return macs
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Hostname = Annotated[str, BeforeValidator(lambda v: check_hostname(str(v)))]
+MacList = Annotated[list[str], BeforeValidator(_mac_list)]
+
+_TAINT = re.compile(
+    r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?(=[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
+    r":(NoSchedule|PreferNoSchedule|NoExecute)$"
+)
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_SCRIPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+class ServerConfig(_Model):
+    interfaces: list[str] = Field(min_length=1)
+    address: IPv4Address
+    http_port: int = Field(8080, ge=1, le=65535)
+    tftp_port: int = Field(69, ge=1, le=65535)
+    dhcp_port: int = Field(67, ge=1, le=65535)
+    api: str = "/run/bootd/api.sock"
+    state_dir: Path = Path("/var/lib/bootd")
+
+    @field_validator("interfaces")
+    @classmethod
+    def _interface_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or len(name) > 15 or "/" in name or " " in name:
+                raise ValueError(f"invalid interface name {name!r}")
+        if len(set(v)) != len(v):
+            raise ValueError("an interface is listed twice")
+        return v
+
+
+class NetworkConfig(_Model):
+    subnet: IPv4Network
+    gateway: IPv4Address | None = None
+    dns: list[IPv4Address] = []
+    domain: str | None = None
+    lease_time: Duration = 3600.0
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        return None if v is None else check_hostname(v.rstrip("."))
+
+
+class ImageConfig(_Model):
+    kernel: Path
+    initrd: Path
+    rootfs: Path | None = None
+    cmdline: str = ""
+
+
+class TokenConfig(_Model):
+    value: str | None = None
+    file: Path | None = None
+    command: str | None = None
+    refresh: Duration = 12 * 3600.0
+    timeout: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenConfig:
+        given = [k for k in ("value", "file", "command") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("token needs exactly one of value, file or command")
+        return self
+
+
+class ClusterConfig(_Model):
+    api_server: str
+    ca_cert_hash: str
+    token: TokenConfig
+
+    @field_validator("api_server")
+    @classmethod
+    def _api(cls, v: str) -> str:
+        if not re.fullmatch(r"https://[^\s/]+(:\d+)?/?", v):
+            raise ValueError(f"api_server must be https://host[:port], got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("ca_cert_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", v):
+            raise ValueError("ca_cert_hash must be sha256:<64 lower-case hex digits>")
+        return v
+
+
+class BootConfig(_Model):
+    """Which boot program each firmware gets; any field may be set per pool, tag or node."""
+
+    bios: str | None = None
+    efi32: str | None = None
+    efi64: str | None = None
+    arm64: str | None = None
+    ipxe_script: str | None = None  # URL iPXE is sent to instead of bootd's /boot.ipxe
+
+
+class ProfileConfig(_Model):
+    """The fields that defaults, tags, pools and nodes share and merge."""
+
+    image: str | None = None
+    cluster: str | None = None
+    timezone: str | None = None
+    ssh_authorized_keys: list[str] = []
+    kernel_modules: list[str] = []
+    kernel_args: list[str] = []
+    labels: dict[str, str] = {}
+    taints: list[str] = []
+    dhcp_options: dict[str, OptionValue] = {}
+    scripts: dict[str, str] = {}
+    boot: BootConfig = BootConfig()
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: object) -> object:
+        if isinstance(v, dict):
+            for key, val in v.items():
+                if not isinstance(key, str) or not _LABEL_KEY.match(key):
+                    raise ValueError(f"invalid Kubernetes label key {key!r}")
+                if isinstance(val, bool | int | float):
+                    val = str(val).lower() if isinstance(val, bool) else str(val)
+                if not isinstance(val, str) or not _LABEL_VALUE.match(val):
+                    raise ValueError(f"invalid Kubernetes label value {val!r} for {key!r}")
+            return {k: (str(x).lower() if isinstance(x, bool) else str(x)) for k, x in v.items()}
+        return v
+
+    @field_validator("taints")
+    @classmethod
+    def _taints(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not _TAINT.match(t):
+                raise ValueError(
+                    f"invalid taint {t!r} (expected key[=value]:NoSchedule|PreferNoSchedule|"
+                    "NoExecute)"
+                )
+        return v
+
+    @field_validator("dhcp_options", mode="before")
+    @classmethod
+    def _option_keys(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {str(k): val for k, val in v.items()}
+        return v
+
+    @field_validator("dhcp_options")
+    @classmethod
+    def _options(cls, v: dict[str, OptionValue]) -> dict[str, OptionValue]:
+        for key, value in v.items():
+            encode_option_value(option_code(key), value)
+        return v
+
+    @field_validator("scripts")
+    @classmethod
+    def _scripts(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _SCRIPT_NAME.match(name):
+                raise ValueError(f"invalid script name {name!r} (a plain file name)")
+        return v
+
+    @field_validator("kernel_modules")
+    @classmethod
+    def _modules(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", m):
+                raise ValueError(f"invalid kernel module name {m!r}")
+        return v
+
+    @field_validator("kernel_args")
+    @classmethod
+    def _kargs(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not a or any(c.isspace() for c in a):
+                raise ValueError(f"kernel argument {a!r} must be one word (no spaces)")
+        return v
+
+
+class NodeConfig(ProfileConfig):
+    name: Hostname
+    mac: MacList
+    ip: IPv4Address
+    tags: list[str] = []
+
+
+class DynamicConfig(_Model):
+    range: str
+    name: str = "node-{mac}"
+
+    def bounds(self) -> tuple[IPv4Address, IPv4Address]:
+        lo, _, hi = self.range.partition("-")
+        return IPv4Address(lo.strip()), IPv4Address(hi.strip())
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, v: str) -> str:
+        lo, sep, hi = v.partition("-")
+        try:
+            a, b = IPv4Address(lo.strip()), IPv4Address(hi.strip())
+        except ValueError:
+            raise ValueError(f"range must be FIRST-LAST addresses, got {v!r}") from None
+        if not sep or a > b:
+            raise ValueError(f"range must be FIRST-LAST with FIRST <= LAST, got {v!r}")
+        return f"{a}-{b}"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        render_dynamic_name(v, "02:00:00:ab:cd:ef")
+        return v
+
+
+def render_dynamic_name(template: str, mac: str) -> str:
+    """A catch-all node's name: `{mac}` is the dashed MAC, `{mac_hex}` the bare hex digits."""
+    dashed = mac_dashed(mac)
+    try:
+        name = template.format(mac=dashed, mac_hex=dashed.replace("-", ""))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"name template {template!r}: only {{mac}} and {{mac_hex}} may be used ({exc})"
+        ) from None
+    return check_hostname(name)
+
+
+class PoolConfig(ProfileConfig):
+    name: Hostname
+    tags: list[str] = []
+    nodes: list[NodeConfig] = []
+    dynamic: DynamicConfig | None = None
+
+
+class Config(_Model):
+    server: ServerConfig
+    network: NetworkConfig
+    images: dict[str, ImageConfig] = {}
+    clusters: dict[str, ClusterConfig] = {}
+    defaults: ProfileConfig = ProfileConfig()
+    tags: dict[str, ProfileConfig] = {}
+    pools: list[PoolConfig] = []
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.path or '(top)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each with its line."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+Loc = tuple[str | int, ...]
+
+
+class _SourceMap:
+    """Remembers on which line each key path of the YAML document starts."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: dict[Loc, int] = {}
+        self.duplicates: list[tuple[Loc, int]] = []
+
+    def walk(self, node: yaml.Node, loc: Loc = ()) -> None:
+        self.lines.setdefault(loc, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                child = (*loc, key)
+                if key in seen:
+                    self.duplicates.append((child, key_node.start_mark.line + 1))
+                seen.add(key)
+                self.lines[child] = key_node.start_mark.line + 1
+                self.walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(item, (*loc, i))
+
+    def line_of(self, loc: Loc) -> int:
+        while loc and loc not in self.lines:
+            loc = loc[:-1]
+        return self.lines.get(loc, 1)
+
+    def issue(self, loc: Loc, message: str) -> ConfigIssue:
+        path = ".".join(str(p) for p in loc)
+        return ConfigIssue(self.file, self.line_of(loc), path, message)
+
+
+def _clean_loc(loc: Loc, data: object) -> Loc:
+    """Drop pydantic's union-branch markers (`str`, `list[str]`) from an error location."""
+    out: list[str | int] = []
+    cur: object = data
+    for i, part in enumerate(loc):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            cur = cur[part]
+        elif i == len(loc) - 1 and isinstance(cur, dict):
+            pass  # a missing key: keep its name
+        else:
+            break
+        out.append(part)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file; raise ConfigError listing every problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(file, 0, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(file, 0, "", "not UTF-8 text")]) from None
+    return parse_config(text, file)
+
+
+def parse_config(text: str, file: str = "<config>") -> Config:
+    source = _SourceMap(file)
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise ConfigError([ConfigIssue(file, 1, "", "the file is empty")])
+            source.walk(node)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+        raise ConfigError([ConfigIssue(file, line, "", f"YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(file, 1, "", f"YAML: {exc}")]) from None
+
+    issues = [source.issue(loc, "duplicate key (the later one would win)")
+              for loc, _ in source.duplicates]
+    if not isinstance(data, dict):
+        raise ConfigError([*issues, source.issue((), "the top level must be a mapping")])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]), data)
+            msg = err["msg"].removeprefix("Value error, ")
+            issues.append(source.issue(loc, msg))
+        raise ConfigError(issues) from None
+    issues += [source.issue(loc, msg) for loc, msg in cross_check(config)]
+    if issues:
+        raise ConfigError(sorted(issues, key=lambda i: i.line))
+    return config
+
+
+# ---------------------------------------------------------------------------- cross-checks
+
+
+def _profiles(config: Config) -> Iterator[tuple[Loc, ProfileConfig]]:
+    yield ("defaults",), config.defaults
+    for name, tag in config.tags.items():
+        yield ("tags", name), tag
+    for i, pool in enumerate(config.pools):
+        yield ("pools", i), pool
+        for j, node in enumerate(pool.nodes):
+            yield ("pools", i, "nodes", j), node
+
+
+def cross_check(config: Config) -> list[tuple[Loc, str]]:
+    """Checks that need the whole document: references, uniqueness, address plan."""
+    errors: list[tuple[Loc, str]] = []
+    net = config.network.subnet
+
+    for loc, prof in _profiles(config):
+        if prof.image is not None and prof.image not in config.images:
+            errors.append(((*loc, "image"), f"unknown image {prof.image!r}"))
+        if prof.cluster is not None and prof.cluster not in config.clusters:
+            errors.append(((*loc, "cluster"), f"unknown cluster {prof.cluster!r}"))
+        tags = prof.tags if isinstance(prof, PoolConfig | NodeConfig) else []
+        for k, tag in enumerate(tags):
+            if tag not in config.tags:
+                errors.append(((*loc, "tags", k), f"unknown tag {tag!r}"))
+
+    def usable(ip: IPv4Address) -> str | None:
+        if ip not in net:
+            return f"{ip} is outside network.subnet {net}"
+        if net.prefixlen < 31 and ip in (net.network_address, net.broadcast_address):
+            return f"{ip} is the network or broadcast address of {net}"
+        return None
+
+    if config.network.gateway is not None and (why := usable(config.network.gateway)):
+        errors.append((("network", "gateway"), why))
+
+    seen_macs: dict[str, str] = {}
+    seen_ips: dict[IPv4Address, str] = {}
+    seen_names: dict[str, str] = {}
+    pool_names: set[str] = set()
+    dynamic_pools: list[int] = []
+    for i, pool in enumerate(config.pools):
+        if pool.name in pool_names:
+            errors.append((("pools", i, "name"), f"duplicate pool name {pool.name!r}"))
+        pool_names.add(pool.name)
+        if pool.dynamic is not None:
+            dynamic_pools.append(i)
+        for j, node in enumerate(pool.nodes):
+            where = f"{pool.name}/{node.name}"
+            loc = ("pools", i, "nodes", j)
+            if node.name in seen_names:
+                errors.append(((*loc, "name"),
+                               f"duplicate node name {node.name!r} (also {seen_names[node.name]})"))
+            seen_names.setdefault(node.name, where)
+            for k, mac in enumerate(node.mac):
+                if mac in seen_macs:
+                    errors.append(((*loc, "mac", k) if len(node.mac) > 1 else (*loc, "mac"),
+                                   f"duplicate MAC {mac} (also node {seen_macs[mac]})"))
+                seen_macs.setdefault(mac, where)
+            if node.ip in seen_ips:
+                errors.append(((*loc, "ip"), f"duplicate IP {node.ip} (also node {seen_ips[node.ip]})"))
+            seen_ips.setdefault(node.ip, where)
+            if why := usable(node.ip):
+                errors.append(((*loc, "ip"), why))
+            elif node.ip == config.server.address:
+                errors.append(((*loc, "ip"), f"{node.ip} is bootd's own server.address"))
+
+    for extra in dynamic_pools[1:]:
+        errors.append((("pools", extra, "dynamic"),
+                       "only one catch-all pool (with `dynamic`) is supported"))
+    for i in dynamic_pools[:1]:
+        dyn = config.pools[i].dynamic
+        assert dyn is not None
+        lo, hi = dyn.bounds()
+        loc = ("pools", i, "dynamic", "range")
+        if (why := usable(lo)) or (why := usable(hi)):
+            errors.append((loc, f"range {dyn.range} leaves the subnet: {why}"))
+            continue
+        inside = sorted(ip for ip in seen_ips if lo <= ip <= hi)
+        if inside:
+            shown = ", ".join(f"{ip} ({seen_ips[ip]})" for ip in inside[:3])
+            more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+            errors.append((loc, f"range {dyn.range} overlaps reserved addresses {shown}{more}"))
+        for what, ip in (("server.address", config.server.address),
+                         ("network.gateway", config.network.gateway)):
+            if ip is not None and lo <= ip <= hi:
+                errors.append((loc, f"range {dyn.range} contains {what} {ip}"))
+    return errors
+
+
+def dhcp_option_bytes(options: Mapping[str, Any]) -> list[tuple[int, bytes]]:
+    """Validated operator options -> (code, wire bytes), in the order written."""
+    return [(option_code(k), encode_option_value(option_code(k), v)) for k, v in options.items()]

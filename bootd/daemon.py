@@ -1,0 +1,130 @@
+"""Wiring: config -> inventory -> servers, signals, state. The only place that reads clocks."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from bootd.config import Config, load_config
+from bootd.dhcp.leases import LeaseTable
+from bootd.dhcp.packet import DhcpError, decode
+from bootd.dhcp.server import DhcpContext, DhcpSettings, Outcome, Reply, decide
+from bootd.dhcp.transport import open_endpoints
+from bootd.inventory import Inventory
+from bootd.metrics import Metrics
+from bootd.store import Store
+
+log = structlog.get_logger("bootd")
+
+UNKNOWN_MAC_LOG_INTERVAL = 60.0
+UNKNOWN_MAC_MEMORY = 4096
+
+
+class RateLimiter:
+    """At most one pass per key per interval; remembers a bounded number of keys."""
+
+    def __init__(self, interval: float, size: int) -> None:
+        self.interval, self.size = interval, size
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def allow(self, key: str, now: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[key] = now
+        self._last.move_to_end(key)
+        while len(self._last) > self.size:
+            self._last.popitem(last=False)
+        return True
+
+
+@dataclass
+class DhcpService:
+    """decode -> decide -> persist -> reply; logs one line per outcome."""
+
+    ctx: DhcpContext
+    store: Store
+    metrics: Metrics
+    unknown_log: RateLimiter
+
+    def handle(self, data: bytes, interface: str) -> Reply | None:
+        now = time.time()
+        try:
+            request = decode(data)
+        except DhcpError as exc:
+            self.metrics.dhcp_packets.labels("malformed").inc()
+            log.debug("dhcp drop malformed", interface=interface, error=str(exc))
+            return None
+        outcome = decide(request, self.ctx, now)
+        if self.ctx.leases is not None:
+            changes = self.ctx.leases.drain_changes()
+            if changes:
+                # Durable before the reply leaves: an ACKed lease survives kill -9.
+                self.store.apply_lease_changes(changes)
+                self.metrics.dhcp_leases.set(len(self.ctx.leases))
+        self.metrics.dhcp_packets.labels(outcome.kind).inc()
+        self._log(outcome, request.xid, interface, now)
+        return outcome.reply
+
+    def _log(self, outcome: Outcome, xid: int, interface: str, now: float) -> None:
+        fields: dict[str, object] = {"interface": interface, "xid": f"{xid:08x}"}
+        if outcome.node is not None:
+            fields.update(node=outcome.node.name, mac=outcome.node.macs[0],
+                          pool=outcome.node.pool)
+        if outcome.ip is not None:
+            fields["ip"] = str(outcome.ip)
+        if outcome.boot is not None:
+            fields.update(firmware=outcome.boot.firmware.value, bootfile=outcome.boot.bootfile)
+        if outcome.detail:
+            fields["detail"] = outcome.detail
+        if outcome.kind == "unknown-mac":
+            if self.unknown_log.allow(outcome.detail.split()[0], now):
+                log.warning("dhcp unknown-mac", **fields)
+        elif outcome.kind in ("drop", "ignore"):
+            log.debug(f"dhcp {outcome.kind}", **fields)
+        else:
+            log.info(f"dhcp {outcome.kind}", **fields)
+
+
+def build_dhcp(config: Config, store: Store, metrics: Metrics) -> DhcpService:
+    inventory = Inventory(config)
+    leases = None
+    if inventory.catch_all is not None:
+        pool = inventory.catch_all
+        leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips)
+        kept = leases.restore(store.load_leases())
+        metrics.dhcp_leases.set(kept)
+        log.info("leases restored", count=kept, range=f"{pool.first}-{pool.last}")
+    ctx = DhcpContext(inventory, leases, DhcpSettings.from_config(config))
+    return DhcpService(ctx, store, metrics,
+                       RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY))
+
+
+async def serve(config_path: Path) -> int:
+    config = load_config(config_path)
+    store = Store.in_state_dir(config.server.state_dir)
+    metrics = Metrics()
+    dhcp = build_dhcp(config, store, metrics)
+    endpoints = await open_endpoints(config.server.interfaces, config.server.dhcp_port,
+                                     dhcp.handle)
+    log.info("bootd serving", config=str(config_path), interfaces=config.server.interfaces,
+             address=str(config.server.address), dhcp_port=config.server.dhcp_port,
+             nodes=len(dhcp.ctx.inventory.nodes))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for transport, _ in endpoints:
+            transport.close()
+        store.close()
+        log.info("bootd stopped")
+    return 0

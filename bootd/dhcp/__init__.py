@@ -1,0 +1,1 @@
+"""DHCP responder: sans-I/O codec and decision logic, plus a thin asyncio transport."""

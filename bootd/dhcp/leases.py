@@ -1,0 +1,198 @@
+"""Dynamic-range lease table: which MAC holds which address, until when.
+
+Sans-I/O: the table lives in memory and every durable change is queued; the caller writes
+the queue to the store (`drain_changes`) before it sends the reply that depends on it, so a
+crash after an ACK never forgets the address it handed out. Offers are held in memory only.
+
+Leases are keyed on the hardware address, not the client identifier: firmware PXE, iPXE
+and the booted Linux send different client-ids (or none) from the same NIC, and a boot
+server must give all three the same address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from enum import Enum
+from ipaddress import IPv4Address
+
+OFFER_HOLD = 60.0  # seconds an offered address stays reserved for the client
+DECLINE_QUARANTINE = 600.0  # seconds a declined address is not handed out
+
+
+class LeaseState(str, Enum):
+    OFFERED = "offered"
+    BOUND = "bound"
+    RELEASED = "released"
+    DECLINED = "declined"
+
+
+@dataclass(frozen=True)
+class Lease:
+    ip: IPv4Address
+    mac: str
+    state: LeaseState
+    expires: float
+    hostname: str | None = None
+
+    def active(self, now: float) -> bool:
+        return self.expires > now and self.state is not LeaseState.RELEASED
+
+
+@dataclass(frozen=True)
+class LeaseDeleted:
+    ip: IPv4Address
+
+
+LeaseChange = Lease | LeaseDeleted
+
+
+class LeaseTable:
+    """The dynamic range's addresses and their holders; reservations never enter it."""
+
+    def __init__(self, first: IPv4Address, last: IPv4Address,
+                 reserved: Iterable[IPv4Address] = (), *, offer_hold: float = OFFER_HOLD,
+                 quarantine: float = DECLINE_QUARANTINE) -> None:
+        self.first, self.last = first, last
+        self.reserved = frozenset(reserved)
+        self.offer_hold = offer_hold
+        self.quarantine = quarantine
+        self._by_ip: dict[IPv4Address, Lease] = {}
+        self._by_mac: dict[str, Lease] = {}
+        self._next_fresh = int(first)
+        self._changes: list[LeaseChange] = []
+
+    # -- queries
+
+    def __contains__(self, ip: object) -> bool:
+        return isinstance(ip, IPv4Address) and self.first <= ip <= self.last
+
+    def __len__(self) -> int:
+        return len(self._by_ip)
+
+    def lookup(self, mac: str) -> Lease | None:
+        """The client's latest lease (any state but declined), even if it has expired."""
+        return self._by_mac.get(mac)
+
+    def holder(self, ip: IPv4Address) -> Lease | None:
+        return self._by_ip.get(ip)
+
+    def leases(self) -> list[Lease]:
+        return list(self._by_ip.values())
+
+    def is_free_for(self, ip: IPv4Address, mac: str, now: float) -> bool:
+        """May `mac` have `ip` now? In range, not reserved, and nobody else holds it."""
+        if ip not in self or ip in self.reserved:
+            return False
+        held = self._by_ip.get(ip)
+        if held is None:
+            return True
+        if held.state is LeaseState.DECLINED:
+            return held.expires <= now
+        return held.mac == mac or not held.active(now)
+
+    # -- allocation
+
+    def offer(self, mac: str, now: float, requested: IPv4Address | None = None,
+              ) -> IPv4Address | None:
+        """Pick and hold an address for `mac`; None when the range is exhausted.
+
+        Preference: the client's previous address, the one it asks for if nobody ever
+        held it, a never-used address, then the address that expired longest ago.
+        """
+        prev = self._by_mac.get(mac)
+        if prev is not None and self.is_free_for(prev.ip, mac, now):
+            if prev.state is LeaseState.BOUND and prev.active(now):
+                return prev.ip
+            self._hold(prev.ip, mac, now)
+            return prev.ip
+        if (requested is not None and requested in self and requested not in self.reserved
+                and requested not in self._by_ip):
+            self._hold(requested, mac, now)
+            return requested
+        ip = self._fresh() or self._oldest_expired(now, mac)
+        if ip is not None:
+            self._hold(ip, mac, now)
+        return ip
+
+    def _fresh(self) -> IPv4Address | None:
+        last = int(self.last)
+        while self._next_fresh <= last:
+            ip = IPv4Address(self._next_fresh)
+            self._next_fresh += 1
+            if ip not in self._by_ip and ip not in self.reserved:
+                return ip
+        return None
+
+    def _oldest_expired(self, now: float, mac: str) -> IPv4Address | None:
+        candidates = [lease for lease in self._by_ip.values()
+                      if self.is_free_for(lease.ip, mac, now)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda lease: (lease.expires, int(lease.ip))).ip
+
+    def _hold(self, ip: IPv4Address, mac: str, now: float) -> None:
+        self._set(Lease(ip, mac, LeaseState.OFFERED, now + self.offer_hold), durable=False)
+
+    def bind(self, mac: str, ip: IPv4Address, now: float, lease_time: float,
+             hostname: str | None = None) -> Lease:
+        """Commit `ip` to `mac` (the caller checked `is_free_for`); queued for the store."""
+        prev = self._by_mac.get(mac)
+        if prev is not None and prev.ip != ip and self._by_ip.get(prev.ip) is prev:
+            del self._by_ip[prev.ip]
+            self._changes.append(LeaseDeleted(prev.ip))
+        lease = Lease(ip, mac, LeaseState.BOUND, now + lease_time, hostname)
+        self._set(lease, durable=True)
+        return lease
+
+    def release(self, mac: str, ip: IPv4Address, now: float) -> bool:
+        """RELEASE: the address goes back to the pool, but stays the client's first choice."""
+        lease = self._by_ip.get(ip)
+        if lease is None or lease.mac != mac or lease.state is LeaseState.DECLINED:
+            return False
+        self._set(replace(lease, state=LeaseState.RELEASED, expires=now), durable=True)
+        return True
+
+    def decline(self, mac: str, ip: IPv4Address, now: float) -> bool:
+        """DECLINE: someone else answers ARP for this address; quarantine it."""
+        lease = self._by_ip.get(ip)
+        if lease is None or lease.mac != mac:
+            return False
+        if self._by_mac.get(mac) is lease:
+            del self._by_mac[mac]
+        self._set(Lease(ip, mac, LeaseState.DECLINED, now + self.quarantine), durable=True)
+        return True
+
+    def forget_offer(self, mac: str) -> None:
+        """The client took another server's offer: free what we held for it."""
+        lease = self._by_mac.get(mac)
+        if lease is not None and lease.state is LeaseState.OFFERED:
+            del self._by_mac[mac]
+            if self._by_ip.get(lease.ip) is lease:
+                del self._by_ip[lease.ip]
+
+    def _set(self, lease: Lease, *, durable: bool) -> None:
+        old = self._by_ip.get(lease.ip)
+        if old is not None and old.mac != lease.mac and self._by_mac.get(old.mac) is old:
+            del self._by_mac[old.mac]
+        self._by_ip[lease.ip] = lease
+        if lease.state is not LeaseState.DECLINED:
+            self._by_mac[lease.mac] = lease
+        if durable:
+            self._changes.append(lease)
+
+    # -- persistence hooks
+
+    def restore(self, leases: Iterable[Lease]) -> int:
+        """Load leases read back from the store; returns how many were kept."""
+        kept = 0
+        for lease in leases:
+            if lease.ip not in self or lease.ip in self.reserved:
+                continue  # the range or the reservations changed since: drop it
+            self._set(lease, durable=False)
+            kept += 1
+        return kept
+
+    def drain_changes(self) -> list[LeaseChange]:
+        changes, self._changes = self._changes, []
+        return changes

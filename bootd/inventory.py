@@ -1,0 +1,168 @@
+"""MAC -> resolved node profile: the one question DHCP, TFTP and HTTP ask about a node.
+
+Like pixiecore's Booter, this is the single seam between the protocol servers and the
+policy in the config. Profiles are merged once at load (defaults < pool < pool tags <
+node < node tags); a lookup is a dict access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
+from types import MappingProxyType
+from typing import TypeVar
+
+from bootd.config import (
+    BootConfig,
+    Config,
+    DynamicConfig,
+    ProfileConfig,
+    dhcp_option_bytes,
+    render_dynamic_name,
+)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """Boot program per firmware family, after merging every layer."""
+
+    bios: str = "undionly.kpxe"
+    efi32: str = "snponly-i386.efi"
+    efi64: str = "snponly.efi"
+    arm64: str = "snponly-arm64.efi"
+    ipxe_script: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    """Everything bootd needs to boot one node, with no reference back to the config."""
+
+    name: str
+    macs: tuple[str, ...]
+    ip: IPv4Address | None  # None: a catch-all node, address comes from the lease
+    pool: str
+    tags: tuple[str, ...] = ()  # in merge order
+    dynamic: bool = False
+    image: str | None = None
+    cluster: str | None = None
+    timezone: str | None = None
+    ssh_authorized_keys: tuple[str, ...] = ()
+    kernel_modules: tuple[str, ...] = ()
+    kernel_args: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    taints: tuple[str, ...] = ()
+    dhcp_options: tuple[tuple[int, bytes], ...] = ()
+    scripts: tuple[tuple[str, str], ...] = ()
+    boot: BootFiles = BootFiles()
+
+
+def _append_unique(old: tuple[str, ...], new: Iterable[str]) -> tuple[str, ...]:
+    out = list(old)
+    for item in new:
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def _merge_by_key(old: Iterable[tuple[K, V]], new: Iterable[tuple[K, V]]) -> tuple[tuple[K, V], ...]:
+    merged: dict[K, V] = dict(old)
+    for key, value in new:
+        merged.pop(key, None)  # a later layer moves the key to its own position
+        merged[key] = value
+    return tuple(merged.items())
+
+
+def _merge_boot(old: BootFiles, new: BootConfig) -> BootFiles:
+    changes = {k: v for k, v in new.model_dump().items() if v is not None}
+    return replace(old, **changes) if changes else old
+
+
+def merge_layer(base: NodeProfile, layer: ProfileConfig) -> NodeProfile:
+    """Apply one config layer: scalars override, lists append, mappings update."""
+    return replace(
+        base,
+        image=layer.image if layer.image is not None else base.image,
+        cluster=layer.cluster if layer.cluster is not None else base.cluster,
+        timezone=layer.timezone if layer.timezone is not None else base.timezone,
+        ssh_authorized_keys=_append_unique(base.ssh_authorized_keys, layer.ssh_authorized_keys),
+        kernel_modules=_append_unique(base.kernel_modules, layer.kernel_modules),
+        kernel_args=base.kernel_args + tuple(layer.kernel_args),
+        labels=MappingProxyType({**base.labels, **layer.labels}),
+        taints=_append_unique(base.taints, layer.taints),
+        dhcp_options=_merge_by_key(base.dhcp_options, dhcp_option_bytes(layer.dhcp_options)),
+        scripts=_merge_by_key(base.scripts, layer.scripts.items()),
+        boot=_merge_boot(base.boot, layer.boot),
+    )
+
+
+@dataclass(frozen=True)
+class DynamicPool:
+    name: str
+    first: IPv4Address
+    last: IPv4Address
+    name_template: str
+    base: NodeProfile
+
+    def __contains__(self, ip: object) -> bool:
+        return isinstance(ip, IPv4Address) and self.first <= ip <= self.last
+
+    @property
+    def size(self) -> int:
+        return int(self.last) - int(self.first) + 1
+
+
+class Inventory:
+    """Resolved node profiles keyed by every MAC they own, plus the catch-all pool."""
+
+    def __init__(self, config: Config) -> None:
+        by_mac: dict[str, NodeProfile] = {}
+        nodes: list[NodeProfile] = []
+        self.catch_all: DynamicPool | None = None
+        root = merge_layer(NodeProfile(name="", macs=(), ip=None, pool=""), config.defaults)
+        for pool in config.pools:
+            pool_prof = merge_layer(replace(root, pool=pool.name, tags=tuple(pool.tags)), pool)
+            for tag in pool.tags:
+                pool_prof = merge_layer(pool_prof, config.tags[tag])
+            for node in pool.nodes:
+                prof = merge_layer(pool_prof, node)
+                for tag in node.tags:
+                    prof = merge_layer(prof, config.tags[tag])
+                prof = replace(prof, name=node.name, macs=tuple(node.mac), ip=node.ip,
+                               tags=_append_unique(pool_prof.tags, node.tags))
+                nodes.append(prof)
+                for mac in node.mac:
+                    by_mac[mac] = prof
+            if pool.dynamic is not None and self.catch_all is None:
+                self.catch_all = _dynamic_pool(pool.name, pool.dynamic,
+                                               replace(pool_prof, dynamic=True))
+        self._by_mac = by_mac
+        self.nodes: tuple[NodeProfile, ...] = tuple(nodes)
+        self.reserved_ips: frozenset[IPv4Address] = frozenset(
+            n.ip for n in nodes if n.ip is not None)
+        self._by_ip = {n.ip: n for n in nodes}
+
+    def reserved(self, mac: str) -> NodeProfile | None:
+        """The configured node owning this (canonical) MAC, if any."""
+        return self._by_mac.get(mac)
+
+    def resolve(self, mac: str) -> NodeProfile | None:
+        """The profile for a MAC: its reservation, else a catch-all node, else None."""
+        node = self._by_mac.get(mac)
+        if node is not None:
+            return node
+        pool = self.catch_all
+        if pool is None:
+            return None
+        return replace(pool.base, name=render_dynamic_name(pool.name_template, mac), macs=(mac,))
+
+    def by_ip(self, ip: IPv4Address) -> NodeProfile | None:
+        return self._by_ip.get(ip)
+
+
+def _dynamic_pool(name: str, dyn: DynamicConfig, base: NodeProfile) -> DynamicPool:
+    first, last = dyn.bounds()
+    return DynamicPool(name=name, first=first, last=last, name_template=dyn.name, base=base)

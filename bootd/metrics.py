@@ -1,0 +1,16 @@
+"""Prometheus metrics, in a registry owned by the daemon instance (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.dhcp_packets = Counter(
+            "bootd_dhcp_packets", "DHCP requests handled, by outcome",
+            ["outcome"], registry=self.registry)
+        self.dhcp_leases = Gauge(
+            "bootd_dhcp_dynamic_leases", "Addresses of the dynamic range with a lease record",
+            registry=self.registry)
