@@ -11,6 +11,7 @@ import socket
 import struct
 from collections.abc import Callable
 from ipaddress import IPv4Address
+from typing import cast
 
 import structlog
 
@@ -60,8 +61,7 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
         self.send_errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         reply = self.handler(data, self.interface)

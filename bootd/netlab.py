@@ -1,0 +1,124 @@
+"""Throw-away network namespaces for tests, benchmarks and `bootd lab`.
+
+Everything a lab sends stays inside namespaces it created; `close()` removes them and ends
+only the processes it started, by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from types import TracebackType
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def netns_available() -> str | None:
+    """None if namespaces can be used here, else the reason they cannot."""
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (`ip`)"
+    return None
+
+
+class NetLab:
+    """A set of namespaces joined by veth pairs; a context manager that cleans up."""
+
+    def __init__(self, prefix: str = "bootd") -> None:
+        self.tag = f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.namespaces: list[str] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> NetLab:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- building
+
+    def namespace(self, role: str) -> str:
+        name = f"{self.tag}-{role}"
+        self._ip("netns", "add", name)
+        self.namespaces.append(name)
+        self._ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str, *, mac_b: str | None = None,
+             ) -> None:
+        """A cable from ns_a:if_a to ns_b:if_b, both ends up."""
+        tmp_a, tmp_b = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
+        self._ip("link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
+        self._ip("link", "set", tmp_a, "netns", ns_a, "name", if_a)
+        self._ip("link", "set", tmp_b, "netns", ns_b, "name", if_b)
+        if mac_b:
+            self._ip("-n", ns_b, "link", "set", if_b, "address", mac_b)
+        self._ip("-n", ns_a, "link", "set", if_a, "up")
+        self._ip("-n", ns_b, "link", "set", if_b, "up")
+
+    def address(self, ns: str, interface: str, cidr: str) -> None:
+        self._ip("-n", ns, "addr", "add", cidr, "dev", interface)
+
+    def set_mac(self, ns: str, interface: str, mac: str) -> None:
+        self._ip("-n", ns, "link", "set", interface, "down")
+        self._ip("-n", ns, "link", "set", interface, "address", mac)
+        self._ip("-n", ns, "link", "set", interface, "up")
+
+    # -- running
+
+    def run(self, ns: str, cmd: Sequence[str], *, timeout: float = 60, check: bool = True,
+            ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise LabError(f"{' '.join(cmd)} in {ns} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc
+
+    def spawn(self, ns: str, cmd: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start a process in `ns`; it is ended by `close()` if still running."""
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            ["ip", "netns", "exec", ns, *cmd], start_new_session=True, **kwargs)
+        self.processes.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10,
+             ) -> int:
+        """Signal one process we started (its own session) and reap it."""
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        return proc.returncode
+
+    def close(self) -> None:
+        for proc in self.processes:
+            try:
+                self.stop(proc, timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.processes.clear()
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        self.namespaces.clear()
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise LabError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
