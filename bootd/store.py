@@ -45,7 +45,7 @@ class Store:
                 raise StoreError(f"{path} was written by a newer bootd (schema {version})")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
 
     @classmethod
