@@ -409,10 +409,10 @@ def _clean_loc(loc: Loc, data: object) -> Loc:
     out: list[str | int] = []
     cur: object = data
     for i, part in enumerate(loc):
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
-            cur = cur[part]
+        in_dict = isinstance(cur, dict) and part in cur
+        in_list = isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
+        if in_dict or in_list:
+            cur = cur[part]  # type: ignore[index]
         elif i == len(loc) - 1 and isinstance(cur, dict):
             pass  # a missing key: keep its name
         else:
@@ -534,7 +534,8 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
                                    f"duplicate MAC {mac} (also node {seen_macs[mac]})"))
                 seen_macs.setdefault(mac, where)
             if node.ip in seen_ips:
-                errors.append(((*loc, "ip"), f"duplicate IP {node.ip} (also node {seen_ips[node.ip]})"))
+                errors.append(((*loc, "ip"),
+                               f"duplicate IP {node.ip} (also node {seen_ips[node.ip]})"))
             seen_ips.setdefault(node.ip, where)
             if why := usable(node.ip):
                 errors.append(((*loc, "ip"), why))

@@ -68,7 +68,8 @@ def _append_unique(old: tuple[str, ...], new: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _merge_by_key(old: Iterable[tuple[K, V]], new: Iterable[tuple[K, V]]) -> tuple[tuple[K, V], ...]:
+def _merge_by_key(old: Iterable[tuple[K, V]], new: Iterable[tuple[K, V]],
+                  ) -> tuple[tuple[K, V], ...]:
     merged: dict[K, V] = dict(old)
     for key, value in new:
         merged.pop(key, None)  # a later layer moves the key to its own position

@@ -6,6 +6,7 @@ only the processes it started, by PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -95,10 +96,8 @@ class NetLab:
              ) -> int:
         """Signal one process we started (its own session) and reap it."""
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -108,10 +107,8 @@ class NetLab:
 
     def close(self) -> None:
         for proc in self.processes:
-            try:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 self.stop(proc, timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
         self.processes.clear()
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from bootd.dhcp.options import IPXE_NO_PXEDHCP, PXE_DISCOVERY_CONTROL, Opt
 from bootd.dhcp.packet import DhcpPacket, encode_sub_options
 from bootd.inventory import BootFiles
 
 
-class Firmware(str, Enum):
+class Firmware(StrEnum):
     BIOS = "bios"
     EFI32 = "efi32"
     EFI64 = "efi64"

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 from ipaddress import IPv4Address
 
 OFFER_HOLD = 60.0  # seconds an offered address stays reserved for the client
 DECLINE_QUARANTINE = 600.0  # seconds a declined address is not handed out
 
 
-class LeaseState(str, Enum):
+class LeaseState(StrEnum):
     OFFERED = "offered"
     BOUND = "bound"
     RELEASED = "released"

@@ -165,7 +165,7 @@ def encode_option_value(code: int, value: OptionValue) -> bytes:
                 return b"\x00"
             raise ValueError(f"expected a boolean, got {value!r}")
         if kind in ("u8", "u16", "u32", "s32"):
-            if isinstance(value, bool) or isinstance(value, list):
+            if isinstance(value, bool | list):
                 raise ValueError(f"expected an integer, got {value!r}")
             n = int(value)
             fmt = {"u8": "!B", "u16": "!H", "u32": "!I", "s32": "!i"}[kind]

@@ -111,7 +111,7 @@ class DhcpPacket:
         raw = self.options.get(Opt.MAX_MESSAGE_SIZE)
         if raw is None or len(raw) != 2:
             return DHCP_MIN_MAX_SIZE
-        return max(DHCP_MIN_MAX_SIZE, struct.unpack("!H", raw)[0])
+        return max(DHCP_MIN_MAX_SIZE, int.from_bytes(raw, "big"))
 
     @property
     def vendor_class(self) -> str:
@@ -284,9 +284,9 @@ def encode(packet: DhcpPacket, max_size: int = DHCP_MIN_MAX_SIZE) -> bytes:
         flag = (1 if filled.get("file") else 0) | (2 if filled.get("sname") else 0)
         if flag:
             main = bytearray(_option_chunks(Opt.OVERLOAD, bytes((flag,)))) + main
-            if "file" in filled and filled["file"]:
+            if filled.get("file"):
                 file_field = bytes(filled["file"] + bytes((END,)))
-            if "sname" in filled and filled["sname"]:
+            if filled.get("sname"):
                 sname_field = bytes(filled["sname"] + bytes((END,)))
         # anything left in `spill` does not fit and is dropped
 

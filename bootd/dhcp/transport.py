@@ -48,7 +48,8 @@ def add_arp_entry(sock: socket.socket, interface: str, ip: IPv4Address, mac: byt
     yet (RFC 2131 4.1); needs CAP_NET_ADMIN, as dnsmasq's equivalent does."""
     pa = struct.pack("=H2s4s8s", socket.AF_INET, b"", ip.packed, b"")
     ha = struct.pack("=H6s8s", ARPHRD_ETHER, mac[:6], b"")
-    req = pa + ha + struct.pack("=i", ATF_COM) + b"\0" * 16 + interface.encode()[:15].ljust(16, b"\0")
+    dev = interface.encode()[:15].ljust(16, b"\0")
+    req = pa + ha + struct.pack("=i", ATF_COM) + b"\0" * 16 + dev
     fcntl.ioctl(sock.fileno(), SIOCSARP, req)
 
 

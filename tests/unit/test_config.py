@@ -198,7 +198,8 @@ pools:
     assert "t.yaml:10: defaults.image: unknown image 'nope'" in text
     assert "t.yaml:11: defaults.cluster: unknown cluster 'nope'" in text
     assert "t.yaml:14: pools.0.tags.0: unknown tag 'missing'" in text
-    assert "t.yaml:17: pools.0.nodes.1.mac: duplicate MAC 02:00:00:00:00:01 (also node w/a1)" in text
+    assert ("t.yaml:17: pools.0.nodes.1.mac: duplicate MAC 02:00:00:00:00:01 (also node w/a1)"
+            in text)
     assert "t.yaml:17: pools.0.nodes.1.ip: duplicate IP 10.0.0.5" in text
     assert "t.yaml:17: pools.0.nodes.1.tags.0: unknown tag 'gone'" in text
     assert "t.yaml:18: pools.0.nodes.2.name: duplicate node name 'a1'" in text

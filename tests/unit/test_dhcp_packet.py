@@ -33,8 +33,8 @@ MAC = bytes.fromhex("020000000127")
 
 
 def request(**opts: bytes) -> DhcpPacket:
-    return DhcpPacket(op=BOOTREQUEST, xid=0xCAFE, chaddr=MAC,
-                      options={Opt.MESSAGE_TYPE: b"\x01", **{int(k[1:]): v for k, v in opts.items()}})
+    options = {Opt.MESSAGE_TYPE: b"\x01", **{int(k[1:]): v for k, v in opts.items()}}
+    return DhcpPacket(op=BOOTREQUEST, xid=0xCAFE, chaddr=MAC, options=options)
 
 
 def header(op: int = BOOTREQUEST, hlen: int = 6, sname: bytes = b"", file: bytes = b"") -> bytes:
@@ -230,12 +230,18 @@ def test_sub_options() -> None:
 # options scapy represents losslessly, with value strategies of valid length
 _IP = st.binary(min_size=4, max_size=4)
 _TEXT = st.binary(min_size=1, max_size=40)
+
+
+def _exact(n: int) -> st.SearchStrategy[bytes]:
+    return st.binary(min_size=n, max_size=n)
+
+
 OPTION_VALUES = {
-    1: _IP, 3: _IP, 6: _IP, 12: _TEXT, 15: _TEXT, 43: _TEXT, 50: _IP, 51: st.binary(min_size=4, max_size=4),
+    1: _IP, 3: _IP, 6: _IP, 12: _TEXT, 15: _TEXT, 43: _TEXT, 50: _IP, 51: _exact(4),
     53: st.integers(1, 8).map(lambda n: bytes([n])), 54: _IP,
     55: st.binary(min_size=1, max_size=20), 57: st.integers(576, 65535).map(
         lambda n: struct.pack("!H", n)), 60: _TEXT, 61: _TEXT, 66: _TEXT, 67: _TEXT, 77: _TEXT,
-    82: _TEXT, 93: st.binary(min_size=2, max_size=2), 97: st.binary(min_size=17, max_size=17), 210: _TEXT, 224: _TEXT,
+    82: _TEXT, 93: _exact(2), 97: _exact(17), 210: _TEXT, 224: _TEXT,
 }
 
 options_strategy = st.lists(st.sampled_from(sorted(OPTION_VALUES)), unique=True,
