@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Sequence
 from types import TracebackType
 
+from bootd.mac import normalize_mac
+
 
 class LabError(RuntimeError):
     pass
@@ -70,7 +72,7 @@ class NetLab:
 
     def set_mac(self, ns: str, interface: str, mac: str) -> None:
         self._ip("-n", ns, "link", "set", interface, "down")
-        self._ip("-n", ns, "link", "set", interface, "address", mac)
+        self._ip("-n", ns, "link", "set", interface, "address", normalize_mac(mac))
         self._ip("-n", ns, "link", "set", interface, "up")
 
     # -- running
