@@ -1,4 +1,4 @@
-"""`bootd` command line: serve, check (more subcommands arrive with their issues)."""
+"""`bootd` command line: serve, check, lab (more subcommands arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    from bootd.lab import run_lab
+
+    return run_lab()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bootd {__version__}")
@@ -86,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("lab", help="demo: bootd on a throw-away namespace network (root)")
+    p.set_defaults(func=cmd_lab)
     return parser
 
 

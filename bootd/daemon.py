@@ -109,6 +109,13 @@ def build_dhcp(config: Config, store: Store, metrics: Metrics) -> DhcpService:
 async def serve(config_path: Path) -> int:
     config = load_config(config_path)
     store = Store.in_state_dir(config.server.state_dir)
+    try:
+        return await _serve(config, config_path, store)
+    finally:
+        store.close()
+
+
+async def _serve(config: Config, config_path: Path, store: Store) -> int:
     metrics = Metrics()
     dhcp = build_dhcp(config, store, metrics)
     endpoints = await open_endpoints(config.server.interfaces, config.server.dhcp_port,
@@ -125,6 +132,5 @@ async def serve(config_path: Path) -> int:
     finally:
         for transport, _ in endpoints:
             transport.close()
-        store.close()
         log.info("bootd stopped")
     return 0

@@ -19,8 +19,9 @@ from bootd.config import (
     DynamicConfig,
     ProfileConfig,
     dhcp_option_bytes,
-    render_dynamic_name,
 )
+
+DYNAMIC_CACHE_SIZE = 65536  # catch-all profiles kept, oldest dropped first
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -145,6 +146,7 @@ class Inventory:
         self.reserved_ips: frozenset[IPv4Address] = frozenset(
             n.ip for n in nodes if n.ip is not None)
         self._by_ip = {n.ip: n for n in nodes}
+        self._dynamic_cache: dict[str, NodeProfile] = {}
 
     def reserved(self, mac: str) -> NodeProfile | None:
         """The configured node owning this (canonical) MAC, if any."""
@@ -158,7 +160,16 @@ class Inventory:
         pool = self.catch_all
         if pool is None:
             return None
-        return replace(pool.base, name=render_dynamic_name(pool.name_template, mac), macs=(mac,))
+        node = self._dynamic_cache.get(mac)
+        if node is None:
+            # The template was validated at load; a canonical MAC only adds hex and dashes.
+            dashed = mac.replace(":", "-")
+            name = pool.name_template.format(mac=dashed, mac_hex=dashed.replace("-", ""))
+            node = replace(pool.base, name=name, macs=(mac,))
+            if len(self._dynamic_cache) >= DYNAMIC_CACHE_SIZE:
+                self._dynamic_cache.pop(next(iter(self._dynamic_cache)))
+            self._dynamic_cache[mac] = node
+        return node
 
     def by_ip(self, ip: IPv4Address) -> NodeProfile | None:
         return self._by_ip.get(ip)

@@ -67,6 +67,13 @@ class NetLab:
         self._ip("-n", ns_a, "link", "set", if_a, "up")
         self._ip("-n", ns_b, "link", "set", if_b, "up")
 
+    def bridge(self, ns: str, name: str) -> None:
+        self._ip("-n", ns, "link", "add", name, "type", "bridge")
+        self._ip("-n", ns, "link", "set", name, "up")
+
+    def attach(self, ns: str, interface: str, bridge: str) -> None:
+        self._ip("-n", ns, "link", "set", interface, "master", bridge)
+
     def address(self, ns: str, interface: str, cidr: str) -> None:
         self._ip("-n", ns, "addr", "add", cidr, "dev", interface)
 

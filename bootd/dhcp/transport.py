@@ -102,9 +102,15 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
 async def open_endpoints(interfaces: list[str], port: int, handler: Handler,
                          ) -> list[tuple[asyncio.DatagramTransport, DhcpEndpoint]]:
     loop = asyncio.get_running_loop()
-    out = []
+    out: list[tuple[asyncio.DatagramTransport, DhcpEndpoint]] = []
     for name in interfaces:
-        sock = open_socket(name, port)
+        try:
+            sock = open_socket(name, port)
+        except OSError as exc:
+            for transport, _ in out:
+                transport.close()
+            raise OSError(exc.errno, f"cannot listen for DHCP on {name}:{port}: "
+                          f"{exc.strerror}") from exc
         transport, protocol = await loop.create_datagram_endpoint(
             lambda name=name: DhcpEndpoint(name, handler), sock=sock)  # type: ignore[misc]
         out.append((transport, protocol))

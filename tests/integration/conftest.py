@@ -46,7 +46,7 @@ class Bootd:
 
     def start(self, timeout: float = 15) -> None:
         self.starts += 1
-        mark = f'"bootd serving"'
+        mark = '"bootd serving"'
         before = self.log.read_text().count(mark) if self.log.exists() else 0
         self.proc = self.lab.spawn(
             self.ns, [sys.executable, "-m", "bootd", "serve", "-c", str(self.config),

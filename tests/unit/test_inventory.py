@@ -116,3 +116,19 @@ def test_reserved_ips_and_reverse_lookup() -> None:
     node = i.by_ip(IPv4Address("10.0.0.6"))
     assert node is not None and node.name == "n2"
     assert i.by_ip(IPv4Address("10.0.0.7")) is None
+
+
+def test_catch_all_profiles_cached_within_bound(monkeypatch: object) -> None:
+    import bootd.inventory as module
+
+    assert hasattr(monkeypatch, "setattr")
+    monkeypatch.setattr(module, "DYNAMIC_CACHE_SIZE", 2)
+    i = inv()
+    a = i.resolve("52:54:00:00:00:01")
+    assert i.resolve("52:54:00:00:00:01") is a
+    i.resolve("52:54:00:00:00:02")
+    c = i.resolve("52:54:00:00:00:03")
+    assert len(i._dynamic_cache) == 2
+    assert c is not None and c.name == "x-525400000003"
+    again = i.resolve("52:54:00:00:00:01")
+    assert again is not None and again == a and again is not a
