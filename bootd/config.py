@@ -121,9 +121,9 @@ class _Model(BaseModel):
 class ServerConfig(_Model):
     interfaces: list[str] = Field(min_length=1)
     address: IPv4Address
-    http_port: int = Field(8080, ge=1, le=65535)
-    tftp_port: int = Field(69, ge=1, le=65535)
-    dhcp_port: int = Field(67, ge=1, le=65535)
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    tftp_port: int = Field(default=69, ge=1, le=65535)
+    dhcp_port: int = Field(default=67, ge=1, le=65535)
     api: str = "/run/bootd/api.sock"
     state_dir: Path = Path("/var/lib/bootd")
 
@@ -335,9 +335,22 @@ class PoolConfig(ProfileConfig):
     dynamic: DynamicConfig | None = None
 
 
+class TftpConfig(_Model):
+    root: Path = Path("/srv/bootd/tftp")
+    # where iPXE binaries are found when the root does not have them (Debian's ipxe)
+    fallback_dirs: list[Path] = [Path("/usr/lib/ipxe")]
+    single_port: bool = False  # serve every transfer from tftp_port (NAT, k8s Service)
+    max_blksize: int | None = Field(default=None, ge=8, le=65464)  # default: interface MTU - 32
+    max_windowsize: int = Field(default=64, ge=1, le=65535)
+    timeout: Duration = 1.0  # first retransmission; doubles up to 8s
+    retries: int = Field(default=6, ge=1, le=50)
+    max_transfers: int = Field(default=1000, ge=1, le=100000)
+
+
 class Config(_Model):
     server: ServerConfig
     network: NetworkConfig
+    tftp: TftpConfig = TftpConfig()
     images: dict[str, ImageConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
     defaults: ProfileConfig = ProfileConfig()

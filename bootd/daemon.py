@@ -19,6 +19,10 @@ from bootd.dhcp.transport import open_endpoints
 from bootd.inventory import Inventory
 from bootd.metrics import Metrics
 from bootd.store import Store
+from bootd.tftp.dynamic import GrubConfigs
+from bootd.tftp.files import FileResolver
+from bootd.tftp.protocol import Limits
+from bootd.tftp.server import TransferRecord, start_tftp
 
 log = structlog.get_logger("bootd")
 
@@ -106,6 +110,53 @@ def build_dhcp(config: Config, store: Store, metrics: Metrics) -> DhcpService:
                        RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY))
 
 
+def interface_mtu(name: str) -> int | None:
+    try:
+        return int(Path(f"/sys/class/net/{name}/mtu").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tftp_limits(config: Config) -> Limits:
+    """Block size capped so one DATA packet fits the smallest interface MTU."""
+    t = config.tftp
+    max_blksize = t.max_blksize
+    if max_blksize is None:
+        mtus = [m for m in map(interface_mtu, config.server.interfaces) if m]
+        max_blksize = max(512, min(mtus, default=1500) - 32)  # IP 20 + UDP 8 + TFTP 4
+    return Limits(max_blksize=max_blksize, max_windowsize=t.max_windowsize,
+                  initial_timeout=t.timeout, max_timeout=max(8.0, t.timeout),
+                  max_retries=t.retries)
+
+
+@dataclass
+class TftpService:
+    """Turns finished transfers into log lines and metrics, named by node."""
+
+    ctx: DhcpContext
+    metrics: Metrics
+
+    def record(self, r: TransferRecord) -> None:
+        found = self.ctx.node_for_ip(r.client, time.time())
+        fields: dict[str, object] = {
+            "client": f"{r.client}:{r.port}", "file": r.filename, "size": r.size,
+            "blksize": r.blksize, "windowsize": r.windowsize,
+            "duration_s": round(r.duration, 4), "outcome": r.outcome,
+        }
+        if found is not None:
+            fields.update(node=found[0].name, mac=found[1], pool=found[0].pool)
+        if r.retransmits:
+            fields["retransmits"] = r.retransmits
+        if r.detail:
+            fields["detail"] = r.detail
+        self.metrics.tftp_transfers.labels(r.outcome).inc()
+        self.metrics.tftp_bytes.inc(r.bytes_sent)
+        if r.outcome == "ok":
+            log.info("tftp transfer", **fields)
+        else:
+            log.warning("tftp transfer", **fields)
+
+
 async def serve(config_path: Path) -> int:
     config = load_config(config_path)
     store = Store.in_state_dir(config.server.state_dir)
@@ -120,8 +171,21 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
     dhcp = build_dhcp(config, store, metrics)
     endpoints = await open_endpoints(config.server.interfaces, config.server.dhcp_port,
                                      dhcp.handle)
+    tftp_service = TftpService(dhcp.ctx, metrics)
+    grub = GrubConfigs(dhcp.ctx, config.images, str(config.server.address),
+                       config.server.http_port)
+    try:
+        tftp = await start_tftp(
+            FileResolver(config.tftp.root, config.tftp.fallback_dirs, grub),
+            tftp_limits(config), config.server.tftp_port, single_port=config.tftp.single_port,
+            max_transfers=config.tftp.max_transfers, on_record=tftp_service.record)
+    except OSError:
+        for transport, _ in endpoints:
+            transport.close()
+        raise
     log.info("bootd serving", config=str(config_path), interfaces=config.server.interfaces,
              address=str(config.server.address), dhcp_port=config.server.dhcp_port,
+             tftp_port=config.server.tftp_port, tftp_root=str(config.tftp.root),
              nodes=len(dhcp.ctx.inventory.nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -130,6 +194,7 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
     try:
         await stop.wait()
     finally:
+        tftp.close()
         for transport, _ in endpoints:
             transport.close()
         log.info("bootd stopped")

@@ -82,6 +82,19 @@ class DhcpContext:
     leases: LeaseTable | None
     settings: DhcpSettings
 
+    def node_for_ip(self, ip: IPv4Address, now: float) -> tuple[NodeProfile, str] | None:
+        """The node (and the MAC it booted from) that holds `ip`: reservation or lease."""
+        node = self.inventory.by_ip(ip)
+        if node is not None:
+            return node, node.macs[0]
+        if self.leases is not None:
+            lease = self.leases.holder(ip)
+            if lease is not None and lease.mac and lease.active(now):
+                found = self.inventory.resolve(lease.mac)
+                if found is not None:
+                    return found, lease.mac
+        return None
+
 
 def decide(req: DhcpPacket, ctx: DhcpContext, now: float) -> Outcome:
     """Answer one decoded request (RFC 2131 section 4.3)."""

@@ -1,0 +1,1 @@
+"""TFTP server: sans-I/O transfer state machine plus a thin asyncio shell."""
