@@ -79,9 +79,9 @@ def parse_request(data: bytes) -> Request:
     fields = fields[:-1]
     try:
         name = fields[0].decode("utf-8")
-        mode = fields[1].decode("ascii").lower()
     except UnicodeDecodeError:
         raise TftpError(ErrorCode.ACCESS_VIOLATION, "file name is not valid UTF-8") from None
+    mode = fields[1].decode("ascii", "replace").lower()
     if mode not in ("octet", "netascii"):
         raise TftpError(ErrorCode.ILLEGAL_OPERATION, f"unsupported transfer mode {mode!r}")
     rest = fields[2:]
