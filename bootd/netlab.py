@@ -82,6 +82,28 @@ class NetLab:
         self._ip("-n", ns, "link", "set", interface, "address", normalize_mac(mac))
         self._ip("-n", ns, "link", "set", interface, "up")
 
+    def lose_packets(self, ns: str, interface: str, percent: int) -> str:
+        """Lose `percent`% of the packets on `interface`: netem on its egress where the
+        kernel has netem, else an nftables random drop of what it receives (an output-hook
+        drop would fail the sender's sendto with EPERM, which a lossy link never does).
+        Returns which was used."""
+        netem = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev",
+                                interface, "root", "netem", "loss", f"{percent}%"],
+                               capture_output=True, text=True, check=False)
+        if netem.returncode == 0:
+            return "netem"
+        for args in (["add", "table", "inet", "bootdloss"],
+                     ["add", "chain", "inet", "bootdloss", "in",
+                      "{ type filter hook input priority 0 ; }"],
+                     ["add", "rule", "inet", "bootdloss", "in", "iifname", interface,
+                      "numgen", "random", "mod", "100", "lt", str(percent), "drop"]):
+            nft = subprocess.run(["ip", "netns", "exec", ns, "nft", *args],
+                                 capture_output=True, text=True, check=False)
+            if nft.returncode != 0:
+                raise LabError(f"cannot emulate loss: netem: {netem.stderr.strip()}; "
+                               f"nft: {nft.stderr.strip()}")
+        return "nftables"
+
     # -- running
 
     def run(self, ns: str, cmd: Sequence[str], *, timeout: float = 60, check: bool = True,

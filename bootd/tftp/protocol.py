@@ -144,7 +144,9 @@ class Limits:
 class Negotiated:
     blksize: int = DEFAULT_BLKSIZE
     windowsize: int = 1
-    timeout: float | None = None  # the client's RFC 2349 timeout, if accepted
+    # The client's RFC 2349 timeout. We retransmit sooner when we can (1s, doubling), never
+    # later: waiting out a client's 5s on every lost packet made lossy links crawl.
+    timeout: float | None = None
     oack: dict[str, str] = field(default_factory=dict)  # empty: no OACK, DATA 1 first
 
 
@@ -213,6 +215,9 @@ class TransferFailed:
     bytes_sent: int
     retransmits: int
     client_refused_options: bool = False  # ERROR 8 after our OACK: a clean end
+    # Every block went out and all but the last were ACKed: a client that got the file
+    # but whose final ACK was lost looks exactly like this (it does not retransmit it).
+    final_ack_missing: bool = False
 
 
 Event = TransferDone | TransferFailed
@@ -228,8 +233,9 @@ class ReadTransfer:
         self.windowsize = negotiated.windowsize
         self.limits = limits
         self.total_blocks = source.size // self.blksize + 1  # last one is short (maybe empty)
-        self._fixed_timeout = negotiated.timeout
-        self._timeout = negotiated.timeout or limits.initial_timeout
+        self._max_timeout = min(limits.max_timeout, negotiated.timeout or limits.max_timeout)
+        self._initial_timeout = min(limits.initial_timeout, self._max_timeout)
+        self._timeout = self._initial_timeout
         self._oack = negotiated.oack
         self._awaiting_oack_ack = bool(negotiated.oack)
         self._acked = 0  # highest block the client has confirmed
@@ -281,12 +287,14 @@ class ReadTransfer:
             return
         self._retries += 1
         if self._retries > self.limits.max_retries:
-            self._close(TransferFailed(f"no ACK after {self.limits.max_retries} retries",
-                                       self.bytes_sent, self.retransmits))
+            self._close(TransferFailed(
+                f"no ACK after {self.limits.max_retries} retries", self.bytes_sent,
+                self.retransmits, final_ack_missing=(
+                    not self._awaiting_oack_ack and self._acked == self.total_blocks - 1
+                    and self._sent_high == self.total_blocks)))
             return
         self.retransmits += 1
-        if self._fixed_timeout is None:
-            self._timeout = min(self._timeout * 2, self.limits.max_timeout)
+        self._timeout = min(self._timeout * 2, self._max_timeout)
         if self._awaiting_oack_ack:
             self._out.append(encode_oack(self._oack))
         else:
@@ -313,8 +321,7 @@ class ReadTransfer:
         if self._acked >= self.total_blocks:
             self._close(TransferDone(self.bytes_sent, self.total_blocks, self.retransmits))
             return
-        if self._fixed_timeout is None:
-            self._timeout = self.limits.initial_timeout
+        self._timeout = self._initial_timeout
         # RFC 7440: an ACK short of the window's end means the rest was lost: resend from
         # the block after it; an ACK of the whole window starts the next one.
         self._send_window()

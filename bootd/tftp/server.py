@@ -47,7 +47,7 @@ class TransferRecord:
     blksize: int
     windowsize: int
     duration: float
-    outcome: str  # ok | failed | refused-options | error
+    outcome: str  # ok | unconfirmed | failed | refused-options | error
     detail: str
     bytes_sent: int
     retransmits: int
@@ -212,6 +212,8 @@ class TftpServer(asyncio.DatagramProtocol):
             outcome, detail = "ok", ""
         elif event.client_refused_options:
             outcome, detail = "refused-options", event.reason
+        elif event.final_ack_missing:
+            outcome, detail = "unconfirmed", "all data sent; the client's last ACK never came"
         else:
             outcome, detail = "failed", event.reason
         self._record(TransferRecord(
