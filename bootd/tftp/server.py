@@ -73,23 +73,33 @@ class _Active:
         self.timer: asyncio.TimerHandle | None = None
 
     def pump(self) -> None:
-        """Send what the transfer wants sent, re-arm its timer, handle its end."""
-        loop = self.server.loop
+        """Send what the transfer wants sent, keep its timer armed, handle its end."""
+        sendto, peer = self.transport.sendto, self.peer
         for data in self.transfer.datagrams_to_send():
-            self.transport.sendto(data, self.peer)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+            sendto(data, peer)
         deadline = self.transfer.get_timer()
-        if deadline is not None:
-            self.timer = loop.call_at(deadline, self._on_timer)
+        if deadline is None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        elif self.timer is None or self.timer.when() > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.server.loop.call_at(deadline, self._on_timer)
+        # else: the armed timer fires no later than the deadline and re-checks it then.
+        # Not re-arming on every ACK keeps the hot path free of timer-heap churn.
         event = self.transfer.next_event()
         if event is not None:
             self.server.finish(self, event)
 
     def _on_timer(self) -> None:
         self.timer = None
-        self.transfer.handle_timer(self.server.loop.time())
+        now = self.server.loop.time()
+        deadline = self.transfer.get_timer()
+        if deadline is not None and now < deadline:
+            self.timer = self.server.loop.call_at(deadline, self._on_timer)
+            return
+        self.transfer.handle_timer(now)
         self.pump()
 
     def receive(self, data: bytes) -> None:
