@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,6 +126,25 @@ class ServerConfig(_Model):
     dhcp_port: int = Field(default=67, ge=1, le=65535)
     api: str = "/run/bootd/api.sock"
     state_dir: Path = Path("/var/lib/bootd")
+
+    @field_validator("api")
+    @classmethod
+    def _api_not_on_boot_network(cls, v: str) -> str:
+        if v.startswith("/"):
+            return v
+        host, sep, port = v.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("api must be a unix socket path or loopback HOST:PORT")
+        if host != "localhost":
+            try:
+                loopback = ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError(f"api must listen on loopback or a unix socket, not {host!r}"
+                                 " (the admin API never goes on the boot network)")
+        return v
 
     @field_validator("interfaces")
     @classmethod

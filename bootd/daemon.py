@@ -3,49 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
-from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from aiohttp import web
 
 from bootd.config import Config, load_config
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.packet import DhcpError, decode
 from bootd.dhcp.server import DhcpContext, DhcpSettings, Outcome, Reply, decide
 from bootd.dhcp.transport import open_endpoints
+from bootd.http.app import HttpContext, admin_app, boot_app
+from bootd.images import PARTS, ImageHashes, image_path, version_of
 from bootd.inventory import Inventory
 from bootd.metrics import Metrics
+from bootd.ratelimit import RateLimiter
+from bootd.render import base_url
 from bootd.store import Store
 from bootd.tftp.dynamic import GrubConfigs
 from bootd.tftp.files import FileResolver
 from bootd.tftp.protocol import Limits
 from bootd.tftp.server import TransferRecord, start_tftp
+from bootd.tokens import providers
 
 log = structlog.get_logger("bootd")
 
 UNKNOWN_MAC_LOG_INTERVAL = 60.0
 UNKNOWN_MAC_MEMORY = 4096
-
-
-class RateLimiter:
-    """At most one pass per key per interval; remembers a bounded number of keys."""
-
-    def __init__(self, interval: float, size: int) -> None:
-        self.interval, self.size = interval, size
-        self._last: OrderedDict[str, float] = OrderedDict()
-
-    def allow(self, key: str, now: float) -> bool:
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return False
-        self._last[key] = now
-        self._last.move_to_end(key)
-        while len(self._last) > self.size:
-            self._last.popitem(last=False)
-        return True
 
 
 @dataclass
@@ -169,33 +158,75 @@ async def serve(config_path: Path) -> int:
 async def _serve(config: Config, config_path: Path, store: Store) -> int:
     metrics = Metrics()
     dhcp = build_dhcp(config, store, metrics)
-    endpoints = await open_endpoints(config.server.interfaces, config.server.dhcp_port,
-                                     dhcp.handle)
-    tftp_service = TftpService(dhcp.ctx, metrics)
     grub = GrubConfigs(dhcp.ctx, config.images, str(config.server.address),
                        config.server.http_port)
-    try:
+    files = FileResolver(config.tftp.root, config.tftp.fallback_dirs, grub)
+    async with contextlib.AsyncExitStack() as stack:
+        for transport, _ in await open_endpoints(config.server.interfaces,
+                                                 config.server.dhcp_port, dhcp.handle):
+            stack.callback(transport.close)
         tftp = await start_tftp(
-            FileResolver(config.tftp.root, config.tftp.fallback_dirs, grub),
-            tftp_limits(config), config.server.tftp_port, single_port=config.tftp.single_port,
-            max_transfers=config.tftp.max_transfers, on_record=tftp_service.record)
-    except OSError:
-        for transport, _ in endpoints:
-            transport.close()
-        raise
-    log.info("bootd serving", config=str(config_path), interfaces=config.server.interfaces,
-             address=str(config.server.address), dhcp_port=config.server.dhcp_port,
-             tftp_port=config.server.tftp_port, tftp_root=str(config.tftp.root),
-             nodes=len(dhcp.ctx.inventory.nodes))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+            files, tftp_limits(config), config.server.tftp_port,
+            single_port=config.tftp.single_port, max_transfers=config.tftp.max_transfers,
+            on_record=TftpService(dhcp.ctx, metrics).record)
+        stack.callback(tftp.close)
+
+        tokens = providers(config.clusters)
+        for provider in tokens.values():
+            task = asyncio.create_task(provider.run())
+            stack.callback(task.cancel)
+        http = HttpContext(config, dhcp.ctx, ImageHashes(), tokens, files, grub, metrics,
+                           base_url(str(config.server.address), config.server.http_port))
+        for image in config.images.values():  # hash images now, not on the first boot
+            for part in PARTS:
+                path = image_path(image, part)
+                version = version_of(path) if path is not None else None
+                if version is not None:
+                    hashing = asyncio.create_task(http.hashes.sha256(version))
+                    stack.callback(hashing.cancel)
+        await stack.enter_async_context(
+            serve_http(boot_app(http), host="0.0.0.0", port=config.server.http_port))
+        await stack.enter_async_context(serve_http(admin_app(http), api=config.server.api))
+
+        log.info("bootd serving", config=str(config_path),
+                 interfaces=config.server.interfaces, address=str(config.server.address),
+                 dhcp_port=config.server.dhcp_port, tftp_port=config.server.tftp_port,
+                 http_port=config.server.http_port, api=config.server.api,
+                 tftp_root=str(config.tftp.root), nodes=len(dhcp.ctx.inventory.nodes))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-    finally:
-        tftp.close()
-        for transport, _ in endpoints:
-            transport.close()
-        log.info("bootd stopped")
+    log.info("bootd stopped")
     return 0
+
+
+@contextlib.asynccontextmanager
+async def serve_http(app: web.Application, *, host: str | None = None, port: int = 0,
+                     api: str | None = None) -> AsyncIterator[None]:
+    """Run an aiohttp app on host:port, or on `api` (a unix socket path or loopback
+    host:port, never the boot network)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site: web.BaseSite
+        if api is not None and api.startswith("/"):
+            Path(api).parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                Path(api).unlink()  # a stale socket from an earlier run
+            site = web.UnixSite(runner, api)
+        elif api is not None:
+            api_host, _, api_port = api.rpartition(":")
+            site = web.TCPSite(runner, api_host.strip("[]"), int(api_port))
+        else:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            where = api or f"{host}:{port}"
+            raise OSError(exc.errno, f"cannot listen for HTTP on {where}: {exc.strerror}",
+                          ) from exc
+        yield
+    finally:
+        await runner.cleanup()

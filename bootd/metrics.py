@@ -17,6 +17,15 @@ class Metrics:
         self.tftp_bytes = Counter(
             "bootd_tftp_sent_bytes", "TFTP payload bytes sent, retransmissions included",
             registry=self.registry)
+        self.http_image_bytes = Counter(
+            "bootd_http_image_sent_bytes", "Image bytes served, by part", ["part"],
+            registry=self.registry)
+        self.http_refusals = Counter(
+            "bootd_http_refusals", "Requests refused (wrong source address)", ["what"],
+            registry=self.registry)
+        self.node_events = Counter(
+            "bootd_node_events", "Stages reported by nodes", ["stage"],
+            registry=self.registry)
         self.dhcp_leases = Gauge(
             "bootd_dhcp_dynamic_leases", "Addresses of the dynamic range with a lease record",
             registry=self.registry)

@@ -6,27 +6,71 @@ GRUB (TFTP and HTTP) and iPXE scripts agree on it.
 
 from __future__ import annotations
 
+import shlex
+
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from bootd.config import ImageConfig
+from bootd.config import ClusterConfig, ImageConfig
 from bootd.inventory import NodeProfile
+from bootd.mac import mac_dashed
 
 _env = Environment(loader=PackageLoader("bootd", "templates"), undefined=StrictUndefined,
                    keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                    autoescape=False)
+_env.filters["sh"] = lambda value: shlex.quote(str(value))
+
+UNKNOWN_GIVE_UP = 30  # seconds an unknown machine waits before trying its next device
 
 
 def base_url(server: str, http_port: int) -> str:
     return f"http://{server}:{http_port}"
 
 
-def kernel_cmdline(node: NodeProfile, image: ImageConfig, mac: str, url: str) -> str:
+def kernel_cmdline(node: NodeProfile, image: ImageConfig, mac: str, url: str,
+                   rootfs_sha256: str | None = None) -> str:
     """Image cmdline, then the node's merged kernel_args, then what the initramfs needs."""
     parts = image.cmdline.split() + list(node.kernel_args)
     parts += [f"bootd.url={url}", f"bootd.node={node.name}", f"bootd.mac={mac}"]
     if image.rootfs is not None and node.image is not None:
         parts.append(f"bootd.rootfs={url}/images/{node.image}/rootfs")
+        if rootfs_sha256:
+            parts.append(f"bootd.rootfs_sha256={rootfs_sha256}")
     return " ".join(parts)
+
+
+def ipxe_generic(url: str) -> str:
+    return _env.get_template("boot.ipxe.j2").render(url=url)
+
+
+def ipxe_node(node: NodeProfile, mac: str, image: ImageConfig, url: str,
+              rootfs_sha256: str | None) -> str:
+    """Per-node script; `initrd=initrd` lets EFI kernels find the initrd iPXE loaded."""
+    cmdline = kernel_cmdline(node, image, mac, url, rootfs_sha256) + " initrd=initrd"
+    return _env.get_template("node.ipxe.j2").render(
+        node=node, mac=mac, mac_dashed=mac_dashed(mac), url=url, cmdline=cmdline)
+
+
+def ipxe_give_up(what: str, give_up: int = UNKNOWN_GIVE_UP) -> str:
+    """For a machine bootd cannot boot: say why, then let the firmware try the next device."""
+    return _env.get_template("noimage.ipxe.j2").render(what=what, give_up=give_up)
+
+
+def kubelet_args(node: NodeProfile) -> str:
+    args = []
+    if node.labels:
+        args.append("--node-labels=" + ",".join(f"{k}={v}" for k, v in node.labels.items()))
+    if node.taints:
+        args.append("--register-with-taints=" + ",".join(node.taints))
+    return " ".join(args)
+
+
+def join_script(node: NodeProfile, mac: str, url: str, cluster: ClusterConfig | None,
+                token: str | None) -> str:
+    """The node's join.sh; it carries the cluster token, so callers must check who asks."""
+    api_endpoint = cluster.api_server.removeprefix("https://") if cluster else ""
+    return _env.get_template("join.sh.j2").render(
+        node=node, mac=mac, url=url, cluster=cluster, token=token or "",
+        api_endpoint=api_endpoint, kubelet_args=kubelet_args(node))
 
 
 def grub_config(node: NodeProfile, mac: str, image: ImageConfig | None, server: str,

@@ -1,0 +1,360 @@
+"""aiohttp applications: the boot network (scripts, images, join) and the admin API.
+
+Scripts are rendered in memory per request (aiohttp's FileResponse costs a thread hop per
+file, fine for a 500 MB rootfs, wasteful for 1 KiB of text); images stream with sendfile.
+The admin API is a separate application bound to a unix socket or loopback only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bootd.config import Config
+from bootd.dhcp.server import DhcpContext
+from bootd.images import PARTS, ImageHashes, image_path, version_of
+from bootd.inventory import NodeProfile
+from bootd.mac import normalize_mac
+from bootd.metrics import Metrics
+from bootd.ratelimit import RateLimiter
+from bootd.render import ipxe_generic, ipxe_give_up, ipxe_node, join_script
+from bootd.tftp.dynamic import GrubConfigs
+from bootd.tftp.files import FileResolver
+from bootd.tftp.protocol import ErrorCode, TftpError
+from bootd.tokens import TokenProvider
+
+log = structlog.get_logger("bootd.http")
+
+EVENT_MAX_BYTES = 4096
+EVENT_MIN_INTERVAL = 0.2  # per node: at most 5 reports a second
+_STAGE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+TEXT = "text/plain; charset=utf-8"
+
+
+@dataclass
+class HttpContext:
+    config: Config
+    dhcp: DhcpContext
+    hashes: ImageHashes
+    tokens: dict[str, TokenProvider]
+    files: FileResolver
+    grub: GrubConfigs
+    metrics: Metrics
+    url: str
+
+    def client_ip(self, request: web.BaseRequest) -> IPv4Address | None:
+        peer = request.remote
+        try:
+            return IPv4Address(peer) if peer else None
+        except ValueError:
+            return None
+
+
+CTX = web.AppKey("ctx", HttpContext)
+EVENT_LIMIT = web.AppKey("event_limit", RateLimiter)
+
+
+def _mac_or_400(text: str) -> str:
+    try:
+        return normalize_mac(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"malformed MAC address {text!r}\n") from None
+
+
+def _node_fields(node: NodeProfile | None, mac: str | None = None) -> dict[str, object]:
+    if node is None:
+        return {"mac": mac} if mac else {}
+    return {"node": node.name, "mac": mac or node.macs[0], "pool": node.pool}
+
+
+# ---------------------------------------------------------------------------- boot network
+
+
+async def generic_script(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    mac = request.query.get("mac")
+    if mac:
+        return await _node_script(ctx, _mac_or_400(mac), request)
+    return web.Response(text=ipxe_generic(ctx.url), content_type="text/plain")
+
+
+async def node_script(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return await _node_script(ctx, _mac_or_400(request.match_info["mac"]), request)
+
+
+async def _node_script(ctx: HttpContext, mac: str, request: web.Request) -> web.Response:
+    node = ctx.dhcp.inventory.resolve(mac)
+    if node is None:
+        log.warning("http ipxe-script unknown-mac", mac=mac, client=request.remote)
+        return web.Response(text=ipxe_give_up(
+            f"{mac} is not in bootd's inventory and there is no catch-all pool"),
+            content_type="text/plain")
+    image = ctx.config.images.get(node.image) if node.image else None
+    if image is None:
+        log.warning("http ipxe-script no-image", **_node_fields(node, mac))
+        return web.Response(text=ipxe_give_up(f"no image is configured for {node.name}"),
+                            content_type="text/plain")
+    rootfs_sha = None
+    if image.rootfs is not None and (version := version_of(image.rootfs)) is not None:
+        rootfs_sha = await ctx.hashes.sha256(version)
+    log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
+    return web.Response(text=ipxe_node(node, mac, image, ctx.url, rootfs_sha),
+                        content_type="text/plain")
+
+
+async def grub_config(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    mac = _mac_or_400(request.match_info["mac"])
+    return web.Response(text=ctx.grub.for_mac(mac), content_type="text/plain")
+
+
+async def beacon(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    mac = _mac_or_400(request.match_info["mac"])
+    node = ctx.dhcp.inventory.resolve(mac)
+    log.info("http kernel-handoff", **_node_fields(node, mac), client=request.remote)
+    return web.Response(text="bootd: kernel handed control\n", content_type="text/plain")
+
+
+async def image_file(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    name, part = request.match_info["image"], request.match_info["part"]
+    image = ctx.config.images.get(name)
+    path = image_path(image, part) if image is not None and part in PARTS else None
+    if path is None:
+        raise web.HTTPNotFound(text=f"no image file {name}/{part}\n")
+    version = version_of(path)
+    if version is None:
+        log.error("http image file missing", image=name, part=part, path=str(path))
+        raise web.HTTPNotFound(text=f"{name}/{part} is configured but {path} is missing\n")
+    response = _ImageResponse(path, ctx, name, part)
+    digest = ctx.hashes.cached(version)
+    if digest is not None:
+        response.headers["X-Checksum-Sha256"] = digest
+    return response
+
+
+class _ImageResponse(web.FileResponse):
+    """sendfile with Range/ETag from aiohttp; logs the fetch once the body is sent."""
+
+    def __init__(self, path: Path, ctx: HttpContext, image: str, part: str) -> None:
+        super().__init__(path, chunk_size=256 * 1024)
+        self._ctx, self._image, self._part = ctx, image, part
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        started = time.monotonic()
+        try:
+            return await super().prepare(request)
+        finally:
+            if request.method == "GET":
+                self._record(request, time.monotonic() - started)
+
+    def _record(self, request: web.BaseRequest, duration: float) -> None:
+        ctx = self._ctx
+        sent = self.content_length or 0
+        client = ctx.client_ip(request)
+        found = ctx.dhcp.node_for_ip(client, time.time()) if client else None
+        ctx.metrics.http_image_bytes.labels(self._part).inc(sent)
+        log.info(f"http {self._part}", image=self._image, status=self.status, bytes=sent,
+                 range=request.headers.get("Range"), client=request.remote,
+                 duration_s=round(duration, 4), **(_node_fields(*found) if found else {}))
+
+
+async def image_sha256(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    name, part = request.match_info["image"], request.match_info["part"]
+    image = ctx.config.images.get(name)
+    path = image_path(image, part) if image is not None and part in PARTS else None
+    version = version_of(path) if path is not None else None
+    if version is None:
+        raise web.HTTPNotFound(text=f"no image file {name}/{part}\n")
+    digest = await ctx.hashes.sha256(version)
+    return web.Response(text=f"{digest}  {part}\n", content_type="text/plain")
+
+
+async def boot_file(request: web.Request) -> web.Response:
+    """TFTP-root files over HTTP, for UEFI HTTP boot; same path rules as TFTP."""
+    ctx = request.app[CTX]
+    client = ctx.client_ip(request) or IPv4Address(0)
+    try:
+        source = ctx.files.open(request.match_info["path"], client)
+    except TftpError as exc:
+        status = 404 if exc.code == ErrorCode.FILE_NOT_FOUND else 403
+        return web.Response(status=status, text=exc.message + "\n")
+    try:
+        body = source.read(0, source.size)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    return web.Response(body=body, content_type="application/octet-stream")
+
+
+def _requesting_node(ctx: HttpContext, request: web.Request, mac: str,
+                     ) -> tuple[NodeProfile | None, str | None]:
+    """The node behind `mac` if the request comes from its own address, else a reason."""
+    node = ctx.dhcp.inventory.resolve(mac)
+    if node is None:
+        return None, "unknown MAC"
+    client = ctx.client_ip(request)
+    if client is None:
+        return None, "no client address"
+    own: IPv4Address | None
+    if node.ip is not None:
+        own = node.ip
+    else:
+        lease = ctx.dhcp.leases.lookup(mac) if ctx.dhcp.leases is not None else None
+        own = lease.ip if lease is not None and lease.active(time.time()) else None
+    if own != client:
+        return None, f"request from {client}, node address is {own or 'not leased'}"
+    return node, None
+
+
+async def join(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    mac = _mac_or_400(request.match_info["mac"])
+    node, refused = _requesting_node(ctx, request, mac)
+    if node is None:
+        ctx.metrics.http_refusals.labels("join-script").inc()
+        log.warning("http join-script refused", mac=mac, client=request.remote,
+                    reason=refused)
+        raise web.HTTPForbidden(text="bootd: join scripts are served only to their node\n")
+    cluster = ctx.config.clusters.get(node.cluster) if node.cluster else None
+    token = None
+    if cluster is not None and node.cluster is not None:
+        provider = ctx.tokens.get(node.cluster)
+        token = provider.token() if provider is not None else None
+        if token is None:
+            log.error("http join-script no-token", **_node_fields(node, mac))
+            raise web.HTTPServiceUnavailable(
+                text=f"bootd: no join token for cluster {node.cluster} yet\n")
+    log.info("http join-script", **_node_fields(node, mac), client=request.remote)
+    return web.Response(text=join_script(node, mac, ctx.url, cluster, token),
+                        content_type="text/x-shellscript", headers={"Cache-Control": "no-store"})
+
+
+async def node_event(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    client = ctx.client_ip(request)
+    found = ctx.dhcp.node_for_ip(client, time.time()) if client else None
+    if found is None:
+        ctx.metrics.http_refusals.labels("event").inc()
+        log.warning("http event refused", client=request.remote, reason="not a node address")
+        raise web.HTTPForbidden(text="bootd: events are accepted only from a node's address\n")
+    if (request.content_length or 0) > EVENT_MAX_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=EVENT_MAX_BYTES,
+                                            actual_size=request.content_length or 0)
+    if not request.app[EVENT_LIMIT].allow(str(client), time.monotonic()):
+        raise web.HTTPTooManyRequests(text="bootd: slow down\n")
+    raw = await request.content.read(EVENT_MAX_BYTES + 1)
+    if len(raw) > EVENT_MAX_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=EVENT_MAX_BYTES, actual_size=len(raw))
+    try:
+        body = json.loads(raw)
+        stage = str(body["stage"])
+        message = str(body.get("message", ""))[:500]
+    except (ValueError, KeyError, TypeError):
+        raise web.HTTPBadRequest(
+            text='bootd: expected {"stage": ..., "message": ...}\n') from None
+    if not _STAGE.match(stage):
+        raise web.HTTPBadRequest(text=f"bootd: bad stage {stage[:40]!r}\n")
+    node, mac = found
+    ctx.metrics.node_events.labels(stage).inc()
+    log.info(f"node {stage}", **_node_fields(node, mac), message=message,
+             client=request.remote)
+    return web.Response(status=204)
+
+
+def boot_app(ctx: HttpContext) -> web.Application:
+    app = web.Application(client_max_size=EVENT_MAX_BYTES * 4)
+    app[CTX] = ctx
+    app[EVENT_LIMIT] = RateLimiter(EVENT_MIN_INTERVAL, 65536)
+    app.router.add_get("/boot.ipxe", generic_script)
+    app.router.add_get("/nodes/{mac}/boot.ipxe", node_script)
+    app.router.add_get("/nodes/{mac}/grub.cfg", grub_config)
+    app.router.add_get("/nodes/{mac}/beacon", beacon)
+    app.router.add_get("/nodes/{mac}/join.sh", join)
+    app.router.add_get("/images/{image}/{part}.sha256", image_sha256)
+    app.router.add_get("/images/{image}/{part}", image_file)  # HEAD too
+    app.router.add_get("/boot/{path:.+}", boot_file)
+    app.router.add_post("/api/v1/events", node_event)
+    return app
+
+
+# ---------------------------------------------------------------------------- admin API
+
+
+def _node_json(ctx: HttpContext, node: NodeProfile) -> dict[str, object]:
+    return {
+        "name": node.name, "pool": node.pool, "macs": list(node.macs),
+        "ip": str(node.ip) if node.ip else None, "tags": list(node.tags),
+        "image": node.image, "cluster": node.cluster, "labels": dict(node.labels),
+        "taints": list(node.taints), "kernel_args": list(node.kernel_args),
+        "dynamic": node.dynamic,
+    }
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return web.Response(body=generate_latest(ctx.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _all_nodes(ctx: HttpContext) -> list[dict[str, object]]:
+    """Configured nodes, then catch-all nodes holding an active lease."""
+    out = [_node_json(ctx, n) for n in ctx.dhcp.inventory.nodes]
+    if ctx.dhcp.leases is not None:
+        now = time.time()
+        for lease in ctx.dhcp.leases.leases():
+            node = ctx.dhcp.inventory.resolve(lease.mac)
+            if node is not None and lease.active(now):
+                out.append({**_node_json(ctx, node), "ip": str(lease.ip),
+                            "lease_expires": lease.expires})
+    return out
+
+
+async def nodes(request: web.Request) -> web.Response:
+    return web.json_response(_all_nodes(request.app[CTX]))
+
+
+async def node_detail(request: web.Request) -> web.Response:
+    wanted = request.match_info["name"]
+    with contextlib.suppress(ValueError):  # a MAC in any spelling
+        wanted = normalize_mac(wanted)
+    for entry in _all_nodes(request.app[CTX]):
+        macs = entry["macs"]
+        assert isinstance(macs, list)
+        if wanted in (entry["name"], entry["ip"], *macs):
+            return web.json_response(entry)
+    raise web.HTTPNotFound(text=f"no node {wanted!r}\n")
+
+
+async def tokens_status(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return web.json_response({name: vars(p.status()) for name, p in ctx.tokens.items()})
+
+
+def admin_app(ctx: HttpContext) -> web.Application:
+    app = web.Application()
+    app[CTX] = ctx
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/nodes", nodes)
+    app.router.add_get("/api/v1/nodes/{name}", node_detail)
+    app.router.add_get("/api/v1/tokens", tokens_status)
+    return app
