@@ -111,6 +111,26 @@ _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _SCRIPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+# Labels in the kubernetes.io / k8s.io namespaces that a kubelet may set on its own node
+# (NodeRestriction); any other there makes `kubelet --node-labels` refuse to start.
+_KUBELET_LABELS = frozenset({
+    "kubernetes.io/hostname", "kubernetes.io/os", "kubernetes.io/arch",
+    "beta.kubernetes.io/os", "beta.kubernetes.io/arch", "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type", "failure-domain.beta.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone", "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+})
+_KUBELET_LABEL_NAMESPACES = ("kubelet.kubernetes.io", "node.kubernetes.io")
+
+
+def kubelet_may_set(key: str) -> bool:
+    prefix = key.split("/", 1)[0] if "/" in key else ""
+    reserved = any(prefix == d or prefix.endswith("." + d) for d in ("kubernetes.io", "k8s.io"))
+    if not reserved or key in _KUBELET_LABELS:
+        return True
+    return any(prefix == ns or prefix.endswith("." + ns) for ns in _KUBELET_LABEL_NAMESPACES)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -244,6 +264,11 @@ class ProfileConfig(_Model):
             for key, val in v.items():
                 if not isinstance(key, str) or not _LABEL_KEY.match(key):
                     raise ValueError(f"invalid Kubernetes label key {key!r}")
+                if not kubelet_may_set(key):
+                    raise ValueError(
+                        f"label {key!r} is in a namespace the kubelet may not set on its own "
+                        "node (NodeRestriction): kubelet would refuse to start; use a "
+                        "node.kubernetes.io/ or your own prefix")
                 if isinstance(val, bool | int | float):
                     val = str(val).lower() if isinstance(val, bool) else str(val)
                 if not isinstance(val, str) or not _LABEL_VALUE.match(val):

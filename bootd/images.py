@@ -29,7 +29,8 @@ class FileVersion:
 
     @property
     def etag(self) -> str:
-        return f'"{self.ino:x}-{self.size:x}-{self.mtime_ns:x}"'
+        """The entity tag aiohttp's FileResponse sends for this version."""
+        return f'"{self.mtime_ns:x}-{self.size:x}"'
 
 
 def image_path(image: ImageConfig, part: str) -> Path | None:

@@ -18,11 +18,12 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bootd.config import Config
 from bootd.dhcp.server import DhcpContext
-from bootd.images import PARTS, ImageHashes, image_path, version_of
+from bootd.images import PARTS, FileVersion, ImageHashes, image_path, version_of
 from bootd.inventory import NodeProfile
 from bootd.mac import normalize_mac
 from bootd.metrics import Metrics
@@ -105,6 +106,12 @@ async def _node_script(ctx: HttpContext, mac: str, request: web.Request) -> web.
         log.warning("http ipxe-script no-image", **_node_fields(node, mac))
         return web.Response(text=ipxe_give_up(f"no image is configured for {node.name}"),
                             content_type="text/plain")
+    missing = [str(p) for p in (image.kernel, image.initrd) if version_of(p) is None]
+    if missing:
+        log.error("http ipxe-script image-missing", **_node_fields(node, mac), missing=missing)
+        return web.Response(text=ipxe_give_up(
+            f"image {node.image} for {node.name} is missing on the server: "
+            + ", ".join(missing)), content_type="text/plain")
     rootfs_sha = None
     if image.rootfs is not None and (version := version_of(image.rootfs)) is not None:
         rootfs_sha = await ctx.hashes.sha256(version)
@@ -138,24 +145,39 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     if version is None:
         log.error("http image file missing", image=name, part=part, path=str(path))
         raise web.HTTPNotFound(text=f"{name}/{part} is configured but {path} is missing\n")
-    response = _ImageResponse(path, ctx, name, part)
+    response = _ImageResponse(path, ctx, name, part, _honour_if_range(request, version))
     digest = ctx.hashes.cached(version)
     if digest is not None:
         response.headers["X-Checksum-Sha256"] = digest
     return response
 
 
+def _honour_if_range(request: web.Request, version: FileVersion) -> web.Request:
+    """aiohttp reads If-Range only as a date; an entity tag there would be ignored and a
+    node resuming a replaced image would get a 206 of the new file spliced onto the old.
+    A non-matching tag drops the Range, so the whole new file is sent (RFC 9110 13.1.5)."""
+    tag = request.headers.get("If-Range", "")
+    is_tag = tag.startswith('"') or tag.startswith("W/")
+    if "Range" in request.headers and is_tag and tag != version.etag:
+        headers = CIMultiDict(request.headers)
+        del headers["Range"]
+        return request.clone(headers=headers)
+    return request
+
+
 class _ImageResponse(web.FileResponse):
     """sendfile with Range/ETag from aiohttp; logs the fetch once the body is sent."""
 
-    def __init__(self, path: Path, ctx: HttpContext, image: str, part: str) -> None:
+    def __init__(self, path: Path, ctx: HttpContext, image: str, part: str,
+                 request: web.Request) -> None:
         super().__init__(path, chunk_size=256 * 1024)
         self._ctx, self._image, self._part = ctx, image, part
+        self._effective = request  # the request as we decided to answer it
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         started = time.monotonic()
         try:
-            return await super().prepare(request)
+            return await super().prepare(self._effective)
         finally:
             if request.method == "GET":
                 self._record(request, time.monotonic() - started)

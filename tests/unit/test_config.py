@@ -303,6 +303,20 @@ clusters:
     assert "clusters.c.ca_cert_hash: ca_cert_hash must be sha256:" in text
 
 
+@pytest.mark.parametrize(("key", "ok"), [
+    ("foo", True), ("example.com/foo", True), ("topology.kubernetes.io/zone", True),
+    ("node.kubernetes.io/pool", True), ("kubelet.kubernetes.io/x", True),
+    ("node-role.kubernetes.io/worker", False), ("kubernetes.io/foo", False),
+    ("k8s.io/foo", False), ("x.k8s.io/foo", False), ("kubernetes.io/hostname", True),
+])
+def test_labels_the_kubelet_may_set(key: str, ok: bool) -> None:
+    text = BASE + f"defaults:\n  labels: {{{key}: v}}\n"
+    if ok:
+        parse_config(text)
+    else:
+        assert "NodeRestriction" in errors(text)[0]
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("kernel_args", '["two words"]'),
     ("kernel_modules", '["bad/module"]'),

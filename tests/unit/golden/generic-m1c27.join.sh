@@ -1,0 +1,65 @@
+#!/bin/sh
+# bootd join script for m1c27 (pool workers, tags bonded)
+# Generated for 02:00:00:00:01:27; it carries this node's join token: do not share it.
+set -eu
+
+BOOTD_URL=http://10.0.0.1:8080
+NODE_NAME=m1c27
+
+report() {
+    # report STAGE MESSAGE: tell bootd how far this node got (best effort)
+    body=$(printf '{"stage":"%s","message":"%s"}' "$1" "$(printf '%s' "$2" | tr -d '"\\\n')")
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS -m 5 -H 'Content-Type: application/json' -d "$body" \
+            "$BOOTD_URL/api/v1/events" >/dev/null 2>&1 || true
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -T 5 -O /dev/null --header='Content-Type: application/json' \
+            --post-data="$body" "$BOOTD_URL/api/v1/events" || true
+    fi
+}
+
+fail() {
+    report failed "$1"
+    echo "bootd: $1" >&2
+    exit 1
+}
+trap 'fail "join script stopped at line $LINENO"' HUP INT TERM
+
+report join-script "started"
+
+echo "$NODE_NAME" > /etc/hostname
+hostname "$NODE_NAME" 2>/dev/null || true
+if [ -e /usr/share/zoneinfo/Europe/Prague ]; then
+    ln -sf /usr/share/zoneinfo/Europe/Prague /etc/localtime
+    echo Europe/Prague > /etc/timezone
+fi
+mkdir -p /root/.ssh
+chmod 700 /root/.ssh
+cat > /root/.ssh/authorized_keys <<'BOOTD_KEYS'
+ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyForDocs ops
+BOOTD_KEYS
+chmod 600 /root/.ssh/authorized_keys
+modprobe br_netfilter || fail 'modprobe br_netfilter failed'
+modprobe overlay || fail 'modprobe overlay failed'
+mkdir -p /run/bootd/scripts
+cat > /run/bootd/scripts/network.sh <<'BOOTD_SCRIPT_1'
+#!/bin/sh
+# bond the two NICs before kubelet starts
+echo "bonding eth0+eth1"
+BOOTD_SCRIPT_1
+chmod 755 /run/bootd/scripts/network.sh
+/run/bootd/scripts/network.sh || fail 'boot script network.sh failed'
+report scripts-done '1 boot scripts ran'
+
+mkdir -p /etc/default
+cat > /etc/default/kubelet <<'BOOTD_KUBELET'
+KUBELET_EXTRA_ARGS=--node-labels=node.kubernetes.io/pool=workers
+BOOTD_KUBELET
+
+report kubeadm "joining https://10.0.0.10:6443"
+kubeadm join 10.0.0.10:6443 \
+    --token abcdef.0123456789abcdef \
+    --discovery-token-ca-cert-hash sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0 \
+    --node-name "$NODE_NAME" \
+    || fail "kubeadm join failed"
+report joined "joined 10.0.0.10:6443"

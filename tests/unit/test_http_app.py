@@ -1,0 +1,313 @@
+"""HTTP routes through aiohttp's test client: scripts, images, secrets, events, admin."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from bootd.config import parse_config
+from bootd.dhcp.leases import LeaseTable
+from bootd.dhcp.server import DhcpContext, DhcpSettings
+from bootd.http.app import HttpContext, admin_app, boot_app
+from bootd.images import ImageHashes
+from bootd.inventory import Inventory
+from bootd.metrics import Metrics
+from bootd.tftp.dynamic import GrubConfigs
+from bootd.tftp.files import FileResolver
+from bootd.tokens import providers
+
+TOKEN = "abcdef.0123456789abcdef"
+HASH = "sha256:" + "a" * 64
+
+
+def make_config(tmp: Path, token: str = f"{{value: {TOKEN}}}") -> str:
+    img = tmp / "img"
+    return textwrap.dedent(f"""\
+        server: {{interfaces: [lo], address: 127.0.0.53, http_port: 8080}}
+        network: {{subnet: 127.0.0.0/8}}
+        images:
+          k8s: {{kernel: {img}/vmlinuz, initrd: {img}/initrd.img, rootfs: {img}/rootfs,
+                cmdline: "console=ttyS0"}}
+          gone: {{kernel: {img}/missing, initrd: {img}/missing}}
+        clusters:
+          prod: {{api_server: "https://10.0.0.10:6443", ca_cert_hash: "{HASH}",
+                  token: {token}}}
+        defaults: {{image: k8s, cluster: prod, timezone: Europe/Prague,
+                    ssh_authorized_keys: ["ssh-ed25519 AAAAC3Nza ops@example"],
+                    kernel_modules: [overlay, br_netfilter], labels: {{zone: a}},
+                    taints: ["dedicated=infra:NoSchedule"], kernel_args: [quiet],
+                    scripts: {{network.sh: "#!/bin/sh\\necho bonding"}}}}
+        pools:
+          - name: w
+            nodes:
+              - {{name: me, mac: "02:00:00:00:00:01", ip: 127.0.0.1}}
+              - {{name: other, mac: "02:00:00:00:00:02", ip: 127.0.0.2}}
+              - {{name: noimg, mac: "02:00:00:00:00:03", ip: 127.0.0.3, image: gone}}
+          - name: any
+            dynamic: {{range: 127.0.1.0-127.0.1.9}}
+        """)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "vmlinuz").write_bytes(os.urandom(300_000))
+    (img / "initrd.img").write_bytes(os.urandom(100_000))
+    (img / "rootfs").write_bytes(os.urandom(2_000_000))
+    root = tmp_path / "tftp"
+    root.mkdir()
+    (root / "snponly.efi").write_bytes(b"EFI")
+    (tmp_path / "secret").write_text("SECRET")
+    return tmp_path
+
+
+def context(tmp: Path, config_text: str | None = None) -> HttpContext:
+    cfg = parse_config(config_text or make_config(tmp))
+    inv = Inventory(cfg)
+    pool = inv.catch_all
+    leases = LeaseTable(pool.first, pool.last, inv.reserved_ips) if pool else None
+    dhcp = DhcpContext(inv, leases, DhcpSettings.from_config(cfg))
+    grub = GrubConfigs(dhcp, cfg.images, "127.0.0.53", 8080)
+    return HttpContext(cfg, dhcp, ImageHashes(), providers(cfg.clusters),
+                       FileResolver(tmp / "tftp", [], grub), grub, Metrics(),
+                       "http://127.0.0.53:8080")
+
+
+async def client_for(app: web.Application) -> TestClient[web.Request, web.Application]:
+    client: TestClient[web.Request, web.Application] = TestClient(
+        TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def boot(tree: Path) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    client = await client_for(boot_app(context(tree)))
+    yield client
+    await client.close()
+
+
+async def test_generic_script_chains_by_mac(boot: TestClient[web.Request, web.Application],
+                                            ) -> None:
+    resp = await boot.get("/boot.ipxe")
+    text = await resp.text()
+    assert resp.status == 200 and text.startswith("#!ipxe\n")
+    assert "chain --autofree http://127.0.0.53:8080/nodes/${net0/mac:hexhyp}/boot.ipxe" in text
+
+
+async def test_node_script(boot: TestClient[web.Request, web.Application], tree: Path) -> None:
+    for url in ("/nodes/02-00-00-00-00-01/boot.ipxe", "/boot.ipxe?mac=02:00:00:00:00:01",
+                "/nodes/0200.0000.0001/boot.ipxe"):
+        text = await (await boot.get(url)).text()
+        rootfs_sha = hashlib.sha256((tree / "img" / "rootfs").read_bytes()).hexdigest()
+        assert ("kernel --name vmlinuz http://127.0.0.53:8080/images/k8s/kernel console=ttyS0 "
+                "quiet bootd.url=http://127.0.0.53:8080 bootd.node=me "
+                "bootd.mac=02:00:00:00:00:01 "
+                "bootd.rootfs=http://127.0.0.53:8080/images/k8s/rootfs "
+                f"bootd.rootfs_sha256={rootfs_sha} initrd=initrd || goto failed") in text
+        assert "initrd --name initrd http://127.0.0.53:8080/images/k8s/initrd" in text
+        assert ("imgfetch --name beacon http://127.0.0.53:8080/nodes/02-00-00-00-00-01/beacon"
+                " && imgfree beacon ||\nboot vmlinuz") in text
+
+
+async def test_unknown_mac_and_no_image_give_up(tree: Path) -> None:
+    config = make_config(tree).split("  - name: any")[0]
+    client = await client_for(boot_app(context(tree, config)))
+    try:
+        text = await (await client.get("/nodes/52-54-00-00-00-99/boot.ipxe")).text()
+        assert "52:54:00:00:00:99 is not in bootd's inventory" in text
+        assert text.rstrip().endswith("exit 1")
+        text = await (await client.get("/nodes/02-00-00-00-00-03/boot.ipxe")).text()
+        assert "image gone for noimg is missing on the server" in text and "exit 1" in text
+        assert (await client.get("/nodes/zz/boot.ipxe")).status == 400
+    finally:
+        await client.close()
+
+
+async def test_grub_over_http_matches_tftp(boot: TestClient[web.Request, web.Application],
+                                           tree: Path) -> None:
+    text = await (await boot.get("/nodes/02:00:00:00:00:01/grub.cfg")).text()
+    ctx = context(tree)
+    assert text == ctx.grub.for_mac("02:00:00:00:00:01")
+    assert "linux (http,127.0.0.53:8080)/images/k8s/kernel" in text
+
+
+async def test_image_full_head_range_etag(boot: TestClient[web.Request, web.Application],
+                                          tree: Path) -> None:
+    data = (tree / "img" / "vmlinuz").read_bytes()
+    resp = await boot.get("/images/k8s/kernel")
+    assert resp.status == 200 and await resp.read() == data
+    etag = resp.headers["ETag"]
+    assert resp.headers["Accept-Ranges"] == "bytes" and "Last-Modified" in resp.headers
+    head = await boot.head("/images/k8s/kernel")
+    assert head.status == 200 and head.headers["Content-Length"] == str(len(data))
+    assert await head.read() == b""
+    part = await boot.get("/images/k8s/kernel", headers={"Range": "bytes=100-199"})
+    assert part.status == 206 and await part.read() == data[100:200]
+    assert part.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    cached = await boot.get("/images/k8s/kernel", headers={"If-None-Match": etag})
+    assert cached.status == 304
+    same = await boot.get("/images/k8s/kernel", headers={"If-Range": etag,
+                                                        "Range": "bytes=0-9"})
+    assert same.status == 206 and await same.read() == data[:10]
+    changed = await boot.get("/images/k8s/kernel", headers={"If-Range": '"other"',
+                                                           "Range": "bytes=0-9"})
+    assert changed.status == 200 and await changed.read() == data
+
+
+async def test_image_sha256(boot: TestClient[web.Request, web.Application],
+                            tree: Path) -> None:
+    want = hashlib.sha256((tree / "img" / "initrd.img").read_bytes()).hexdigest()
+    text = await (await boot.get("/images/k8s/initrd.sha256")).text()
+    assert text == f"{want}  initrd\n"
+    resp = await boot.get("/images/k8s/initrd")
+    assert resp.headers["X-Checksum-Sha256"] == want
+
+
+async def test_image_errors(boot: TestClient[web.Request, web.Application]) -> None:
+    assert (await boot.get("/images/nope/kernel")).status == 404
+    assert (await boot.get("/images/k8s/passwd")).status == 404
+    missing = await boot.get("/images/gone/kernel")
+    assert missing.status == 404 and "is missing" in await missing.text()
+    assert (await boot.get("/images/gone/rootfs")).status == 404
+
+
+async def test_atomic_rename_never_corrupts_download_in_flight(
+        boot: TestClient[web.Request, web.Application], tree: Path) -> None:
+    path = tree / "img" / "rootfs"
+    old = path.read_bytes()
+    resp = await boot.get("/images/k8s/rootfs")
+    first = await resp.content.readexactly(65536)
+    new = tree / "img" / "rootfs.new"
+    new.write_bytes(os.urandom(len(old)))
+    new.replace(path)
+    rest = await resp.read()
+    assert first + rest == old
+    again = await (await boot.get("/images/k8s/rootfs")).read()
+    assert again == path.read_bytes() != old
+
+
+async def test_boot_files_over_http(boot: TestClient[web.Request, web.Application]) -> None:
+    resp = await boot.get("/boot/snponly.efi")
+    assert resp.status == 200 and await resp.read() == b"EFI"
+    assert (await boot.get("/boot/nope.efi")).status == 404
+    leak = await boot.get("/boot/..%2Fsecret")
+    assert leak.status in (403, 404) and "SECRET" not in await leak.text()
+
+
+async def test_join_script_only_for_the_node(boot: TestClient[web.Request, web.Application],
+                                             tree: Path) -> None:
+    resp = await boot.get("/nodes/02:00:00:00:00:01/join.sh")  # we are 127.0.0.1 = "me"
+    text = await resp.text()
+    assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+    assert f"--token {TOKEN}" in text
+    assert "kubeadm join 10.0.0.10:6443" in text
+    assert f"--discovery-token-ca-cert-hash {HASH}" in text
+    assert ("KUBELET_EXTRA_ARGS='--node-labels=zone=a "
+            "--register-with-taints=dedicated=infra:NoSchedule'") in text
+    assert "modprobe overlay" in text and "modprobe br_netfilter" in text
+    assert "/run/bootd/scripts/network.sh" in text and "echo bonding" in text
+    assert "ssh-ed25519 AAAAC3Nza ops@example" in text
+    assert "/usr/share/zoneinfo/Europe/Prague" in text
+    script = tree / "join.sh"
+    script.write_text(text)
+    assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):
+        lint = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True,
+                              text=True)
+        assert lint.returncode == 0, lint.stdout
+    refused = await boot.get("/nodes/02:00:00:00:00:02/join.sh")  # "other" is 127.0.0.2
+    assert refused.status == 403 and TOKEN not in await refused.text()
+    unknown = await boot.get("/nodes/52:54:00:00:00:09/join.sh")
+    assert unknown.status == 403
+
+
+async def test_join_script_for_a_leased_catch_all_node(tree: Path) -> None:
+    ctx = context(tree)
+    config = make_config(tree).replace("127.0.1.0-127.0.1.9", "127.0.0.1-127.0.0.1").replace(
+        '{name: me, mac: "02:00:00:00:00:01", ip: 127.0.0.1}',
+        '{name: me, mac: "02:00:00:00:00:01", ip: 127.0.0.4}')
+    ctx = context(tree, config)
+    assert ctx.dhcp.leases is not None
+    import time
+    from ipaddress import IPv4Address
+    ctx.dhcp.leases.bind("52:54:00:00:00:09", IPv4Address("127.0.0.1"), time.time(), 3600)
+    client = await client_for(boot_app(ctx))
+    try:
+        resp = await client.get("/nodes/52-54-00-00-00-09/join.sh")
+        assert resp.status == 200 and "NODE_NAME=node-52-54-00-00-00-09" in await resp.text()
+    finally:
+        await client.close()
+
+
+async def test_join_script_without_token_is_503(tree: Path) -> None:
+    config = make_config(tree, token='{command: "exit 1"}')
+    client = await client_for(boot_app(context(tree, config)))
+    try:
+        resp = await client.get("/nodes/02:00:00:00:00:01/join.sh")
+        assert resp.status == 503
+    finally:
+        await client.close()
+
+
+async def test_node_events(boot: TestClient[web.Request, web.Application]) -> None:
+    ok = await boot.post("/api/v1/events", json={"stage": "joined", "message": "ok"})
+    assert ok.status == 204
+    assert (await boot.post("/api/v1/events", data=b"not json")).status in (400, 429)
+
+
+async def test_node_event_validation(tree: Path) -> None:
+    client = await client_for(boot_app(context(tree)))
+    try:
+        import asyncio
+
+        for body, status in ((b"not json", 400), (b'{"message": "x"}', 400),
+                             (b'{"stage": "BAD STAGE"}', 400),
+                             (b'{"stage": "x", "message": "' + b"a" * 5000 + b'"}', 413)):
+            await asyncio.sleep(0.25)  # stay under the per-node rate limit
+            resp = await client.post("/api/v1/events", data=body)
+            assert resp.status == status, body[:30]
+        await asyncio.sleep(0.25)
+        statuses = [(await client.post("/api/v1/events", json={"stage": "x"})).status
+                    for _ in range(3)]
+        assert statuses[0] == 204 and 429 in statuses
+    finally:
+        await client.close()
+
+
+async def test_events_refused_from_non_node(tree: Path) -> None:
+    config = make_config(tree).replace("ip: 127.0.0.1}", "ip: 127.0.0.5}")
+    client = await client_for(boot_app(context(tree, config)))
+    try:
+        resp = await client.post("/api/v1/events", json={"stage": "joined"})
+        assert resp.status == 403
+    finally:
+        await client.close()
+
+
+async def test_admin_api(tree: Path) -> None:
+    client = await client_for(admin_app(context(tree)))
+    try:
+        assert (await (await client.get("/healthz")).json()) == {"status": "ok"}
+        metrics = await (await client.get("/metrics")).text()
+        assert "bootd_dhcp_packets" in metrics or "bootd_tftp" in metrics
+        nodes = await (await client.get("/api/v1/nodes")).json()
+        assert [n["name"] for n in nodes] == ["me", "other", "noimg"]
+        for key in ("me", "127.0.0.1", "02-00-00-00-00-01"):
+            node = await (await client.get(f"/api/v1/nodes/{key}")).json()
+            assert node["name"] == "me" and node["labels"] == {"zone": "a"}
+        assert (await client.get("/api/v1/nodes/nobody")).status == 404
+        tokens = await (await client.get("/api/v1/tokens")).json()
+        assert tokens["prod"]["has_token"] is True and TOKEN not in str(tokens)
+    finally:
+        await client.close()

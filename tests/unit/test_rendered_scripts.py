@@ -1,0 +1,67 @@
+"""Everything rendered for the example configs: golden files, sh -n and shellcheck."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bootd.config import load_config
+from bootd.inventory import Inventory
+from bootd.render import grub_config, ipxe_node, join_script
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parent / "golden"
+URL = "http://10.0.0.1:8080"
+TOKEN = "abcdef.0123456789abcdef"
+
+
+def rendered() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in ("generic", "catch-all"):
+        config = load_config(ROOT / "config" / f"{name}.yaml")
+        inv = Inventory(config)
+        nodes = list(inv.nodes)
+        if inv.catch_all is not None:
+            unknown = inv.resolve("52:54:00:12:34:56")
+            assert unknown is not None
+            nodes.append(unknown)
+        for node in nodes:
+            mac = node.macs[0]
+            image = config.images[node.image] if node.image else None
+            assert image is not None
+            cluster = config.clusters[node.cluster] if node.cluster else None
+            key = f"{name}-{node.name}"
+            out[f"{key}.ipxe"] = ipxe_node(node, mac, image, URL, "0" * 64)
+            out[f"{key}.grub.cfg"] = grub_config(node, mac, image, "10.0.0.1", 8080)
+            out[f"{key}.join.sh"] = join_script(node, mac, URL, cluster, TOKEN)
+    return out
+
+
+CASES = rendered()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_golden(name: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("BOOTD_UPDATE_GOLDEN"):
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(CASES[name])
+    assert path.exists(), f"no golden file {path}; run with BOOTD_UPDATE_GOLDEN=1"
+    assert CASES[name] == path.read_text()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n.endswith(".sh")))
+def test_join_scripts_pass_sh_n_and_shellcheck(name: str, tmp_path: Path) -> None:
+    script = tmp_path / name
+    script.write_text(CASES[name])
+    syntax = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (scripts/install-deps installs it)")
+    lint = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True,
+                          text=True)
+    assert lint.returncode == 0, lint.stdout
