@@ -90,7 +90,8 @@ class DhcpLab:
         state = self.tmp / "state"
         config = self.tmp / "bootd.yaml"
         config.write_text(textwrap.dedent(f"""\
-            server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {state}}}
+            server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {state},
+                     api: {state}/api.sock}}
             network: {{subnet: {SUBNET}, gateway: {SERVER_IP}, dns: [{SERVER_IP}],
                        domain: lab.example, lease_time: 1h}}
             """) + textwrap.dedent(config_body))
