@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 
+import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from bootd.config import ClusterConfig, ImageConfig
@@ -18,6 +19,21 @@ _env = Environment(loader=PackageLoader("bootd", "templates"), undefined=StrictU
                    keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                    autoescape=False)
 _env.filters["sh"] = lambda value: shlex.quote(str(value))
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (embedded scripts) as readable `|` blocks."""
+
+
+def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str_presenter)
+_env.filters["to_yaml"] = lambda value: yaml.dump(
+    value, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False,
+    width=1000).rstrip("\n")
 
 UNKNOWN_GIVE_UP = 30  # seconds an unknown machine waits before trying its next device
 
@@ -86,3 +102,43 @@ def grub_unknown(what: str) -> str:
 
 def grub_chain(client: str) -> str:
     return _env.get_template("grub-chain.cfg.j2").render(client=client)
+
+
+# ---------------------------------------------------------------------------- cloud-init
+
+
+def cloud_meta_data(node: NodeProfile, mac: str) -> str:
+    meta = {"instance-id": f"bootd-{node.name}-{mac.replace(':', '')}",
+            "local-hostname": node.name}
+    return _env.get_template("meta-data.j2").render(meta=meta)
+
+
+def cloud_user_data(node: NodeProfile, mac: str, url: str, cluster: ClusterConfig | None,
+                    token: str | None, domain: str | None) -> str:
+    """NoCloud user-data doing what join.sh does: the script itself runs from runcmd."""
+    config: dict[str, object] = {"hostname": node.name}
+    if domain:
+        config["fqdn"] = f"{node.name}.{domain}"
+    if node.timezone:
+        config["timezone"] = node.timezone
+    if node.ssh_authorized_keys:
+        config["ssh_authorized_keys"] = list(node.ssh_authorized_keys)
+    config["write_files"] = [{
+        "path": "/run/bootd/join.sh", "permissions": "0700", "owner": "root:root",
+        "content": join_script(node, mac, url, cluster, token),
+    }]
+    config["runcmd"] = [["sh", "/run/bootd/join.sh"]]
+    return _env.get_template("user-data.j2").render(node=node, mac=mac, cloud_config=config)
+
+
+def cloud_vendor_data() -> str:
+    return _env.get_template("vendor-data.j2").render()
+
+
+def cloud_network_config(node: NodeProfile) -> str:
+    """Network config v2: DHCP on every NIC of the node (bootd hands out its address)."""
+    ethernets = {f"nic{i}": {"match": {"macaddress": mac}, "set-name": f"nic{i}",
+                             "dhcp4": True}
+                 for i, mac in enumerate(node.macs)}
+    return _env.get_template("network-config.j2").render(
+        network={"version": 2, "ethernets": ethernets})

@@ -21,14 +21,23 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bootd.config import Config
+from bootd.config import ClusterConfig, Config
 from bootd.dhcp.server import DhcpContext
 from bootd.images import PARTS, FileVersion, ImageHashes, image_path, version_of
 from bootd.inventory import NodeProfile
 from bootd.mac import normalize_mac
 from bootd.metrics import Metrics
 from bootd.ratelimit import RateLimiter
-from bootd.render import ipxe_generic, ipxe_give_up, ipxe_node, join_script
+from bootd.render import (
+    cloud_meta_data,
+    cloud_network_config,
+    cloud_user_data,
+    cloud_vendor_data,
+    ipxe_generic,
+    ipxe_give_up,
+    ipxe_node,
+    join_script,
+)
 from bootd.tftp.dynamic import GrubConfigs
 from bootd.tftp.files import FileResolver
 from bootd.tftp.protocol import ErrorCode, TftpError
@@ -243,27 +252,55 @@ def _requesting_node(ctx: HttpContext, request: web.Request, mac: str,
     return node, None
 
 
-async def join(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
-    mac = _mac_or_400(request.match_info["mac"])
+def _secret_material(ctx: HttpContext, request: web.Request, mac: str, what: str,
+                     ) -> tuple[NodeProfile, ClusterConfig | None, str | None]:
+    """Node, cluster and token for a secret-bearing document, or 403/503."""
     node, refused = _requesting_node(ctx, request, mac)
     if node is None:
-        ctx.metrics.http_refusals.labels("join-script").inc()
-        log.warning("http join-script refused", mac=mac, client=request.remote,
-                    reason=refused)
-        raise web.HTTPForbidden(text="bootd: join scripts are served only to their node\n")
+        ctx.metrics.http_refusals.labels(what).inc()
+        log.warning(f"http {what} refused", mac=mac, client=request.remote, reason=refused)
+        raise web.HTTPForbidden(text=f"bootd: {what} is served only to its node\n")
     cluster = ctx.config.clusters.get(node.cluster) if node.cluster else None
     token = None
     if cluster is not None and node.cluster is not None:
         provider = ctx.tokens.get(node.cluster)
         token = provider.token() if provider is not None else None
         if token is None:
-            log.error("http join-script no-token", **_node_fields(node, mac))
+            log.error(f"http {what} no-token", **_node_fields(node, mac))
             raise web.HTTPServiceUnavailable(
                 text=f"bootd: no join token for cluster {node.cluster} yet\n")
-    log.info("http join-script", **_node_fields(node, mac), client=request.remote)
+    log.info(f"http {what}", **_node_fields(node, mac), client=request.remote)
+    return node, cluster, token
+
+
+async def join(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    mac = _mac_or_400(request.match_info["mac"])
+    node, cluster, token = _secret_material(ctx, request, mac, "join-script")
     return web.Response(text=join_script(node, mac, ctx.url, cluster, token),
                         content_type="text/x-shellscript", headers={"Cache-Control": "no-store"})
+
+
+async def cloud_init(request: web.Request) -> web.Response:
+    """NoCloud datasource: ds=nocloud;s=http://<bootd>/cloud-init/<mac>/"""
+    ctx = request.app[CTX]
+    mac = _mac_or_400(request.match_info["mac"])
+    doc = request.match_info["doc"]
+    if doc == "user-data":
+        node, cluster, token = _secret_material(ctx, request, mac, "cloud-init-user-data")
+        text = cloud_user_data(node, mac, ctx.url, cluster, token, ctx.config.network.domain)
+        return web.Response(text=text, content_type="text/cloud-config",
+                            headers={"Cache-Control": "no-store"})
+    if doc == "vendor-data":
+        return web.Response(text=cloud_vendor_data(), content_type="text/cloud-config")
+    found = ctx.dhcp.inventory.resolve(mac)
+    if found is None:
+        raise web.HTTPNotFound(text=f"bootd: {mac} is not in the inventory\n")
+    if doc == "meta-data":
+        return web.Response(text=cloud_meta_data(found, mac), content_type="text/plain")
+    if doc == "network-config":
+        return web.Response(text=cloud_network_config(found), content_type="text/plain")
+    raise web.HTTPNotFound(text=f"bootd: no cloud-init document {doc!r}\n")
 
 
 async def node_event(request: web.Request) -> web.Response:
@@ -307,6 +344,7 @@ def boot_app(ctx: HttpContext) -> web.Application:
     app.router.add_get("/nodes/{mac}/grub.cfg", grub_config)
     app.router.add_get("/nodes/{mac}/beacon", beacon)
     app.router.add_get("/nodes/{mac}/join.sh", join)
+    app.router.add_get("/cloud-init/{mac}/{doc}", cloud_init)
     app.router.add_get("/images/{image}/{part}.sha256", image_sha256)
     app.router.add_get("/images/{image}/{part}", image_file)  # HEAD too
     app.router.add_get("/boot/{path:.+}", boot_file)

@@ -311,3 +311,21 @@ async def test_admin_api(tree: Path) -> None:
         assert tokens["prod"]["has_token"] is True and TOKEN not in str(tokens)
     finally:
         await client.close()
+
+
+async def test_cloud_init_nocloud_documents(boot: TestClient[web.Request, web.Application],
+                                            ) -> None:
+    base = "/cloud-init/02:00:00:00:00:01"
+    meta = await (await boot.get(f"{base}/meta-data")).text()
+    assert "instance-id: bootd-me-020000000001" in meta and "local-hostname: me" in meta
+    user = await boot.get(f"{base}/user-data")
+    text = await user.text()
+    assert user.status == 200 and text.startswith("#cloud-config\n")
+    assert f"--token {TOKEN}" in text and user.headers["Cache-Control"] == "no-store"
+    assert (await boot.get(f"{base}/vendor-data")).status == 200
+    net = await (await boot.get(f"{base}/network-config")).text()
+    assert "version: 2" in net and "macaddress: 02:00:00:00:00:01" in net
+    assert (await boot.get(f"{base}/bogus")).status == 404
+    refused = await boot.get("/cloud-init/02:00:00:00:00:02/user-data")
+    assert refused.status == 403 and TOKEN not in await refused.text()
+    assert (await boot.get("/cloud-init/52:54:00:00:00:77/meta-data")).status == 404

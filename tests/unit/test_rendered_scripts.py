@@ -8,10 +8,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bootd.config import load_config
 from bootd.inventory import Inventory
-from bootd.render import grub_config, ipxe_node, join_script
+from bootd.render import (
+    cloud_meta_data,
+    cloud_network_config,
+    cloud_user_data,
+    grub_config,
+    ipxe_node,
+    join_script,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -38,6 +46,10 @@ def rendered() -> dict[str, str]:
             out[f"{key}.ipxe"] = ipxe_node(node, mac, image, URL, "0" * 64)
             out[f"{key}.grub.cfg"] = grub_config(node, mac, image, "10.0.0.1", 8080)
             out[f"{key}.join.sh"] = join_script(node, mac, URL, cluster, TOKEN)
+            out[f"{key}.user-data"] = cloud_user_data(node, mac, URL, cluster, TOKEN,
+                                                      config.network.domain)
+            out[f"{key}.meta-data"] = cloud_meta_data(node, mac)
+            out[f"{key}.network-config"] = cloud_network_config(node)
     return out
 
 
@@ -65,3 +77,29 @@ def test_join_scripts_pass_sh_n_and_shellcheck(name: str, tmp_path: Path) -> Non
     lint = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True,
                           text=True)
     assert lint.returncode == 0, lint.stdout
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n.endswith(".user-data")))
+def test_user_data_passes_cloud_init_schema(name: str, tmp_path: Path) -> None:
+    text = CASES[name]
+    assert text.startswith("#cloud-config\n")
+    data = yaml.safe_load(text)
+    assert data["runcmd"] == [["sh", "/run/bootd/join.sh"]]
+    join = next(f for f in data["write_files"] if f["path"] == "/run/bootd/join.sh")
+    assert join["content"] == CASES[name.replace(".user-data", ".join.sh")]
+    if shutil.which("cloud-init") is None:
+        pytest.skip("cloud-init not installed (scripts/install-deps installs it)")
+    path = tmp_path / "user-data"
+    path.write_text(text)
+    check = subprocess.run(["cloud-init", "schema", "--config-file", str(path)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "Valid cloud-config" in check.stdout, (
+        check.stdout + check.stderr)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n.endswith(".network-config")))
+def test_network_config_v2_matches_every_mac(name: str) -> None:
+    data = yaml.safe_load(CASES[name])
+    assert data["version"] == 2
+    assert all(e["dhcp4"] is True and "macaddress" in e["match"]
+               for e in data["ethernets"].values())
