@@ -328,4 +328,6 @@ async def test_cloud_init_nocloud_documents(boot: TestClient[web.Request, web.Ap
     assert (await boot.get(f"{base}/bogus")).status == 404
     refused = await boot.get("/cloud-init/02:00:00:00:00:02/user-data")
     assert refused.status == 403 and TOKEN not in await refused.text()
-    assert (await boot.get("/cloud-init/52:54:00:00:00:77/meta-data")).status == 404
+    catch_all = await (await boot.get("/cloud-init/52:54:00:00:00:77/meta-data")).text()
+    assert "local-hostname: node-52-54-00-00-00-77" in catch_all
+    assert (await boot.get("/cloud-init/not-a-mac/meta-data")).status == 400
