@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from bootd import __version__
 from bootd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -57,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(json=args.log_format == "json" if args.log_format else None,
                       level=args.log_level)
     try:
-        return run_event_loop(serve(args.config))
+        return asyncio.run(serve(args.config))
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -71,16 +70,6 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from bootd.lab import run_lab
 
     return run_lab()
-
-
-def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
-    """asyncio.run on uvloop when it is installed: its C datagram transport roughly
-    doubles what one core moves in TFTP packets (bench/tftp.py); plain asyncio otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def build_parser() -> argparse.ArgumentParser:
