@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +73,56 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return run_lab()
 
 
+def _api_path(args: argparse.Namespace) -> str:
+    if args.api:
+        return str(args.api)
+    try:
+        return load_config(args.config).server.api
+    except ConfigError:
+        return "/run/bootd/api.sock"
+
+
+async def _admin_request(api: str, method: str, path: str) -> tuple[int, str]:
+    """One request to the admin API (unix socket or loopback host:port)."""
+    import aiohttp
+
+    if api.startswith("/"):
+        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=api)
+        url = f"http://bootd{path}"
+    else:
+        connector = aiohttp.TCPConnector()
+        url = f"http://{api}{path}"
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                session.request(method, url) as resp):
+        return resp.status, await resp.text()
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    api = _api_path(args)
+    try:
+        status, body = asyncio.run(_admin_request(api, "POST", "/api/v1/reload"))
+    except (aiohttp.ClientError, OSError) as exc:
+        print(f"bootd reload: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = json.loads(body)
+    except ValueError:
+        print(f"bootd reload: unexpected answer ({status}): {body[:200]}", file=sys.stderr)
+        return 2
+    if result.get("ok"):
+        print("bootd: config reloaded")
+        for key in result.get("restart_required", []):
+            print(f"  {key} changed: takes effect after a restart")
+        return 0
+    for line in result.get("errors", []):
+        print(line, file=sys.stderr)
+    print("bootd reload: refused; the running config stays", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bootd {__version__}")
@@ -92,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("reload", help="ask the running daemon to re-read its config")
+    with_config(p)
+    p.add_argument("--api", help="admin API: unix socket path or loopback host:port "
+                   "(default: server.api from the config)")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("lab", help="demo: bootd on a throw-away namespace network (root)")
     p.set_defaults(func=cmd_lab)

@@ -13,12 +13,12 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from bootd.config import Config, load_config
+from bootd.config import Config, ConfigError, load_config
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.packet import DhcpError, decode
 from bootd.dhcp.server import DhcpContext, DhcpSettings, Outcome, Reply, decide
 from bootd.dhcp.transport import open_endpoints
-from bootd.http.app import HttpContext, admin_app, boot_app
+from bootd.http.app import HttpContext, ReloadResult, admin_app, boot_app
 from bootd.images import PARTS, ImageHashes, image_path, version_of
 from bootd.inventory import Inventory
 from bootd.metrics import Metrics
@@ -28,7 +28,7 @@ from bootd.store import Store
 from bootd.tftp.dynamic import GrubConfigs
 from bootd.tftp.files import FileResolver
 from bootd.tftp.protocol import Limits
-from bootd.tftp.server import TransferRecord, start_tftp
+from bootd.tftp.server import TftpServer, TransferRecord, start_tftp
 from bootd.tokens import providers
 
 log = structlog.get_logger("bootd")
@@ -85,16 +85,22 @@ class DhcpService:
             log.info(f"dhcp {outcome.kind}", **fields)
 
 
+def build_leases(inventory: Inventory, store: Store, metrics: Metrics) -> LeaseTable | None:
+    """The catch-all range's lease table, restored from the store (None without one)."""
+    pool = inventory.catch_all
+    if pool is None:
+        return None
+    leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips)
+    kept = leases.restore(store.load_leases())
+    metrics.dhcp_leases.set(kept)
+    log.info("leases restored", count=kept, range=f"{pool.first}-{pool.last}")
+    return leases
+
+
 def build_dhcp(config: Config, store: Store, metrics: Metrics) -> DhcpService:
     inventory = Inventory(config)
-    leases = None
-    if inventory.catch_all is not None:
-        pool = inventory.catch_all
-        leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips)
-        kept = leases.restore(store.load_leases())
-        metrics.dhcp_leases.set(kept)
-        log.info("leases restored", count=kept, range=f"{pool.first}-{pool.last}")
-    ctx = DhcpContext(inventory, leases, DhcpSettings.from_config(config))
+    ctx = DhcpContext(inventory, build_leases(inventory, store, metrics),
+                      DhcpSettings.from_config(config))
     return DhcpService(ctx, store, metrics,
                        RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY))
 
@@ -155,48 +161,122 @@ async def serve(config_path: Path) -> int:
         store.close()
 
 
-async def _serve(config: Config, config_path: Path, store: Store) -> int:
-    metrics = Metrics()
-    dhcp = build_dhcp(config, store, metrics)
-    grub = GrubConfigs(dhcp.ctx, config.images, str(config.server.address),
-                       config.server.http_port)
-    files = FileResolver(config.tftp.root, config.tftp.fallback_dirs, grub)
-    async with contextlib.AsyncExitStack() as stack:
-        for transport, _ in await open_endpoints(config.server.interfaces,
-                                                 config.server.dhcp_port, dhcp.handle):
-            stack.callback(transport.close)
-        tftp = await start_tftp(
-            files, tftp_limits(config), config.server.tftp_port,
-            single_port=config.tftp.single_port, max_transfers=config.tftp.max_transfers,
-            on_record=TftpService(dhcp.ctx, metrics).record)
-        stack.callback(tftp.close)
+# Settings bound to sockets or files at start-up: a reload reports them, a restart applies.
+RESTART_ONLY = ("interfaces", "dhcp_port", "tftp_port", "http_port", "api", "state_dir")
 
-        tokens = providers(config.clusters)
-        for provider in tokens.values():
-            task = asyncio.create_task(provider.run())
-            stack.callback(task.cancel)
-        http = HttpContext(config, dhcp.ctx, ImageHashes(), tokens, files, grub, metrics,
-                           base_url(str(config.server.address), config.server.http_port))
-        for image in config.images.values():  # hash images now, not on the first boot
+
+class Runtime:
+    """The config and everything derived from it, swapped whole by a reload while the
+    listeners, the store and transfers in flight stay as they are."""
+
+    def __init__(self, config_path: Path, config: Config, store: Store,
+                 metrics: Metrics) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.dhcp = build_dhcp(config, store, metrics)
+        self.grub = GrubConfigs(self.dhcp.ctx, config.images, str(config.server.address),
+                                config.server.http_port)
+        self.files = FileResolver(config.tftp.root, config.tftp.fallback_dirs, self.grub)
+        self.http = HttpContext(config, self.dhcp.ctx, ImageHashes(), providers(config.clusters),
+                                self.files, self.grub, metrics,
+                                base_url(str(config.server.address), config.server.http_port),
+                                reload=self.reload)
+        self.tftp: TftpServer | None = None
+        self._tasks: list[asyncio.Task[object]] = []
+        self._token_tasks: list[asyncio.Task[None]] = []
+
+    def start_background(self, *, tokens: bool = True) -> None:
+        """Token refreshers and image hashing (now, not on the first boot)."""
+        if tokens:
+            for task in self._token_tasks:
+                task.cancel()
+            self._token_tasks = [asyncio.create_task(p.run())
+                                 for p in self.http.tokens.values()]
+        self._tasks = [t for t in self._tasks if not t.done()]
+        for image in self.config.images.values():
             for part in PARTS:
                 path = image_path(image, part)
                 version = version_of(path) if path is not None else None
                 if version is not None:
-                    hashing = asyncio.create_task(http.hashes.sha256(version))
-                    stack.callback(hashing.cancel)
+                    self._tasks.append(asyncio.create_task(self.http.hashes.sha256(version)))
+
+    def stop_background(self) -> None:
+        for task in [*self._tasks, *self._token_tasks]:
+            task.cancel()
+
+    def reload(self) -> ReloadResult:
+        """Re-read the config file; a valid one applies to new requests, an invalid one is
+        refused with the same errors as `bootd check` and the running config stays."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            errors = [str(issue) for issue in exc.issues]
+            for line in errors:
+                log.error("config reload refused", error=line)
+            self.metrics.reloads.labels("refused").inc()
+            return ReloadResult(False, errors, [])
+        old = self.config
+        restart = [f"server.{key}" for key in RESTART_ONLY
+                   if getattr(new.server, key) != getattr(old.server, key)]
+        if new.tftp.single_port != old.tftp.single_port:
+            restart.append("tftp.single_port")
+        new = new.model_copy(update={
+            "server": new.server.model_copy(
+                update={key: getattr(old.server, key) for key in RESTART_ONLY}),
+            "tftp": new.tftp.model_copy(update={"single_port": old.tftp.single_port}),
+        })
+        ctx = self.dhcp.ctx
+        ctx.inventory = Inventory(new)
+        ctx.leases = build_leases(ctx.inventory, self.store, self.metrics)
+        ctx.settings = DhcpSettings.from_config(new)
+        self.grub.images = new.images
+        self.grub.server = str(new.server.address)
+        self.files.set_dirs(new.tftp.root, new.tftp.fallback_dirs)
+        if self.tftp is not None:
+            self.tftp.limits = tftp_limits(new)
+            self.tftp.max_transfers = new.tftp.max_transfers
+        self.http.config = new
+        self.http.url = base_url(str(new.server.address), new.server.http_port)
+        self.config = new
+        clusters_changed = new.clusters != old.clusters
+        if clusters_changed:
+            self.http.tokens = providers(new.clusters)
+        self.start_background(tokens=clusters_changed)
+        self.metrics.reloads.labels("applied").inc()
+        log.info("config reloaded", nodes=len(ctx.inventory.nodes),
+                 restart_required=restart or None)
+        return ReloadResult(True, [], restart)
+
+
+async def _serve(config: Config, config_path: Path, store: Store) -> int:
+    rt = Runtime(config_path, config, store, Metrics())
+    async with contextlib.AsyncExitStack() as stack:
+        for transport, _ in await open_endpoints(config.server.interfaces,
+                                                 config.server.dhcp_port, rt.dhcp.handle):
+            stack.callback(transport.close)
+        rt.tftp = await start_tftp(
+            rt.files, tftp_limits(config), config.server.tftp_port,
+            single_port=config.tftp.single_port, max_transfers=config.tftp.max_transfers,
+            on_record=TftpService(rt.dhcp.ctx, rt.metrics).record)
+        stack.callback(rt.tftp.close)
+        rt.start_background()
+        stack.callback(rt.stop_background)
         await stack.enter_async_context(
-            serve_http(boot_app(http), host="0.0.0.0", port=config.server.http_port))
-        await stack.enter_async_context(serve_http(admin_app(http), api=config.server.api))
+            serve_http(boot_app(rt.http), host="0.0.0.0", port=config.server.http_port))
+        await stack.enter_async_context(serve_http(admin_app(rt.http), api=config.server.api))
 
         log.info("bootd serving", config=str(config_path),
                  interfaces=config.server.interfaces, address=str(config.server.address),
                  dhcp_port=config.server.dhcp_port, tftp_port=config.server.tftp_port,
                  http_port=config.server.http_port, api=config.server.api,
-                 tftp_root=str(config.tftp.root), nodes=len(dhcp.ctx.inventory.nodes))
+                 tftp_root=str(config.tftp.root), nodes=len(rt.dhcp.ctx.inventory.nodes))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, rt.reload)
         await stop.wait()
     log.info("bootd stopped")
     return 0

@@ -26,6 +26,15 @@ class Metrics:
         self.node_events = Counter(
             "bootd_node_events", "Stages reported by nodes", ["stage"],
             registry=self.registry)
+        self.token_failures = Gauge(
+            "bootd_join_token_failures", "Consecutive failed refreshes of a cluster's token",
+            ["cluster"], registry=self.registry)
+        self.token_available = Gauge(
+            "bootd_join_token_available", "1 if a join token is available for the cluster",
+            ["cluster"], registry=self.registry)
+        self.reloads = Counter(
+            "bootd_config_reloads", "Config reloads, by outcome", ["outcome"],
+            registry=self.registry)
         self.dhcp_leases = Gauge(
             "bootd_dhcp_dynamic_leases", "Addresses of the dynamic range with a lease record",
             registry=self.registry)

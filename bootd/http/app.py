@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -51,6 +52,13 @@ _STAGE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 TEXT = "text/plain; charset=utf-8"
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    errors: list[str]
+    restart_required: list[str]
+
+
 @dataclass
 class HttpContext:
     config: Config
@@ -61,6 +69,7 @@ class HttpContext:
     grub: GrubConfigs
     metrics: Metrics
     url: str
+    reload: Callable[[], ReloadResult] | None = None
 
     def client_ip(self, request: web.BaseRequest) -> IPv4Address | None:
         peer = request.remote
@@ -371,6 +380,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
+    for name, provider in ctx.tokens.items():
+        status = provider.status()
+        ctx.metrics.token_failures.labels(name).set(status.failures)
+        ctx.metrics.token_available.labels(name).set(1 if status.has_token else 0)
     return web.Response(body=generate_latest(ctx.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -409,6 +422,16 @@ async def tokens_status(request: web.Request) -> web.Response:
     return web.json_response({name: vars(p.status()) for name, p in ctx.tokens.items()})
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    if ctx.reload is None:
+        raise web.HTTPNotImplemented(text="bootd: reload is not wired in this process\n")
+    result = ctx.reload()
+    return web.json_response({"ok": result.ok, "errors": result.errors,
+                              "restart_required": result.restart_required},
+                             status=200 if result.ok else 422)
+
+
 def admin_app(ctx: HttpContext) -> web.Application:
     app = web.Application()
     app[CTX] = ctx
@@ -417,4 +440,5 @@ def admin_app(ctx: HttpContext) -> web.Application:
     app.router.add_get("/api/v1/nodes", nodes)
     app.router.add_get("/api/v1/nodes/{name}", node_detail)
     app.router.add_get("/api/v1/tokens", tokens_status)
+    app.router.add_post("/api/v1/reload", reload_config)
     return app

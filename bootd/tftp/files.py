@@ -65,9 +65,12 @@ def normalize_name(name: str) -> str:
 class FileResolver:
     def __init__(self, root: Path, fallback_dirs: list[Path] | tuple[Path, ...] = (),
                  dynamic: DynamicFiles | None = None) -> None:
+        self.set_dirs(root, fallback_dirs)
+        self.dynamic = dynamic
+
+    def set_dirs(self, root: Path, fallback_dirs: list[Path] | tuple[Path, ...]) -> None:
         self.root = Path(os.path.realpath(root))
         self.fallback_dirs = [Path(os.path.realpath(d)) for d in fallback_dirs]
-        self.dynamic = dynamic
 
     def open(self, name: str, client: IPv4Address, mode: str = "octet") -> Source:
         """A Source for the request, or TftpError with the code the client should see."""

@@ -300,7 +300,8 @@ async def test_admin_api(tree: Path) -> None:
     try:
         assert (await (await client.get("/healthz")).json()) == {"status": "ok"}
         metrics = await (await client.get("/metrics")).text()
-        assert "bootd_dhcp_packets" in metrics or "bootd_tftp" in metrics
+        assert 'bootd_join_token_available{cluster="prod"} 1.0' in metrics
+        assert 'bootd_join_token_failures{cluster="prod"} 0.0' in metrics
         nodes = await (await client.get("/api/v1/nodes")).json()
         assert [n["name"] for n in nodes] == ["me", "other", "noimg"]
         for key in ("me", "127.0.0.1", "02-00-00-00-00-01"):
@@ -331,3 +332,23 @@ async def test_cloud_init_nocloud_documents(boot: TestClient[web.Request, web.Ap
     catch_all = await (await boot.get("/cloud-init/52:54:00:00:00:77/meta-data")).text()
     assert "local-hostname: node-52-54-00-00-00-77" in catch_all
     assert (await boot.get("/cloud-init/not-a-mac/meta-data")).status == 400
+
+
+async def test_admin_reload_route(tree: Path) -> None:
+    from bootd.http.app import ReloadResult
+
+    ctx = context(tree)
+    answers = iter([ReloadResult(True, [], ["server.http_port"]),
+                    ReloadResult(False, ["f.yaml:3: network.subnet: bad"], [])])
+    ctx.reload = lambda: next(answers)
+    client = await client_for(admin_app(ctx))
+    try:
+        ok = await client.post("/api/v1/reload")
+        assert ok.status == 200
+        assert await ok.json() == {"ok": True, "errors": [],
+                                   "restart_required": ["server.http_port"]}
+        bad = await client.post("/api/v1/reload")
+        assert bad.status == 422 and (await bad.json())["errors"] == [
+            "f.yaml:3: network.subnet: bad"]
+    finally:
+        await client.close()
