@@ -391,10 +391,18 @@ class TftpConfig(_Model):
     max_transfers: int = Field(default=1000, ge=1, le=100000)
 
 
+class IpxeConfig(_Model):
+    """What iPXE does for a machine bootd cannot boot (unknown MAC, missing image)."""
+
+    retry_interval: Duration = 10.0
+    attempts: int = Field(default=6, ge=1, le=1000)  # then `exit 1`: next boot device
+
+
 class Config(_Model):
     server: ServerConfig
     network: NetworkConfig
     tftp: TftpConfig = TftpConfig()
+    ipxe: IpxeConfig = IpxeConfig()
     images: dict[str, ImageConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
     defaults: ProfileConfig = ProfileConfig()

@@ -35,8 +35,6 @@ _env.filters["to_yaml"] = lambda value: yaml.dump(
     value, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False,
     width=1000).rstrip("\n")
 
-UNKNOWN_GIVE_UP = 30  # seconds an unknown machine waits before trying its next device
-
 
 def base_url(server: str, http_port: int) -> str:
     return f"http://{server}:{http_port}"
@@ -66,9 +64,13 @@ def ipxe_node(node: NodeProfile, mac: str, image: ImageConfig, url: str,
         node=node, mac=mac, mac_dashed=mac_dashed(mac), url=url, cmdline=cmdline)
 
 
-def ipxe_give_up(what: str, give_up: int = UNKNOWN_GIVE_UP) -> str:
-    """For a machine bootd cannot boot: say why, then let the firmware try the next device."""
-    return _env.get_template("noimage.ipxe.j2").render(what=what, give_up=give_up)
+def ipxe_give_up(what: str, retry_url: str, attempt: int, attempts: int,
+                 interval: int) -> str:
+    """For a machine bootd cannot boot yet: say why, ask again a few times (the operator
+    may be adding it), then exit non-zero so the firmware tries its next boot device."""
+    return _env.get_template("noimage.ipxe.j2").render(
+        what=what, retry_url=retry_url, attempt=attempt, attempts=attempts,
+        interval=interval)
 
 
 def kubelet_args(node: NodeProfile) -> str:

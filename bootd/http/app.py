@@ -26,7 +26,7 @@ from bootd.config import ClusterConfig, Config
 from bootd.dhcp.server import DhcpContext
 from bootd.images import PARTS, FileVersion, ImageHashes, image_path, version_of
 from bootd.inventory import NodeProfile
-from bootd.mac import normalize_mac
+from bootd.mac import mac_dashed, normalize_mac
 from bootd.metrics import Metrics
 from bootd.ratelimit import RateLimiter
 from bootd.render import (
@@ -113,23 +113,28 @@ async def node_script(request: web.Request) -> web.Response:
 
 
 async def _node_script(ctx: HttpContext, mac: str, request: web.Request) -> web.Response:
+    def give_up(what: str) -> web.Response:
+        try:
+            attempt = max(1, int(request.query.get("attempt", "1")))
+        except ValueError:
+            attempt = 1
+        text = ipxe_give_up(what, f"{ctx.url}/nodes/{mac_dashed(mac)}/boot.ipxe", attempt,
+                            ctx.config.ipxe.attempts, int(ctx.config.ipxe.retry_interval))
+        return web.Response(text=text, content_type="text/plain")
+
     node = ctx.dhcp.inventory.resolve(mac)
     if node is None:
         log.warning("http ipxe-script unknown-mac", mac=mac, client=request.remote)
-        return web.Response(text=ipxe_give_up(
-            f"{mac} is not in bootd's inventory and there is no catch-all pool"),
-            content_type="text/plain")
+        return give_up(f"{mac} is not in bootd's inventory and there is no catch-all pool")
     image = ctx.config.images.get(node.image) if node.image else None
     if image is None:
         log.warning("http ipxe-script no-image", **_node_fields(node, mac))
-        return web.Response(text=ipxe_give_up(f"no image is configured for {node.name}"),
-                            content_type="text/plain")
+        return give_up(f"no image is configured for {node.name}")
     missing = [str(p) for p in (image.kernel, image.initrd) if version_of(p) is None]
     if missing:
         log.error("http ipxe-script image-missing", **_node_fields(node, mac), missing=missing)
-        return web.Response(text=ipxe_give_up(
-            f"image {node.image} for {node.name} is missing on the server: "
-            + ", ".join(missing)), content_type="text/plain")
+        return give_up(f"image {node.image} for {node.name} is missing on the server: "
+                       + ", ".join(missing))
     rootfs_sha = None
     if image.rootfs is not None and (version := version_of(image.rootfs)) is not None:
         rootfs_sha = await ctx.hashes.sha256(version)

@@ -126,7 +126,15 @@ async def test_unknown_mac_and_no_image_give_up(tree: Path) -> None:
     try:
         text = await (await client.get("/nodes/52-54-00-00-00-99/boot.ipxe")).text()
         assert "52:54:00:00:00:99 is not in bootd's inventory" in text
+        assert "asking again in 10 seconds (attempt 1 of 6)" in text
+        assert ("chain --autofree http://127.0.0.53:8080/nodes/52-54-00-00-00-99/boot.ipxe"
+                "?attempt=2 ||") in text
         assert text.rstrip().endswith("exit 1")
+        last = await (await client.get("/nodes/52-54-00-00-00-99/boot.ipxe?attempt=6")).text()
+        assert "asking again" not in last and "giving up" in last
+        assert last.rstrip().endswith("exit 1")
+        odd = await client.get("/nodes/52-54-00-00-00-99/boot.ipxe?attempt=x")
+        assert "attempt 1 of 6" in await odd.text()
         text = await (await client.get("/nodes/02-00-00-00-00-03/boot.ipxe")).text()
         assert "image gone for noimg is missing on the server" in text and "exit 1" in text
         assert (await client.get("/nodes/zz/boot.ipxe")).status == 400
