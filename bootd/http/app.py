@@ -157,9 +157,8 @@ async def beacon(request: web.Request) -> web.Response:
     return web.Response(text="bootd: kernel handed control\n", content_type="text/plain")
 
 
-async def image_file(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CTX]
-    name, part = request.match_info["image"], request.match_info["part"]
+def _image_version(ctx: HttpContext, name: str, part: str) -> FileVersion:
+    """The current version of a configured image file, or 404 saying what is wrong."""
     image = ctx.config.images.get(name)
     path = image_path(image, part) if image is not None and part in PARTS else None
     if path is None:
@@ -168,7 +167,15 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     if version is None:
         log.error("http image file missing", image=name, part=part, path=str(path))
         raise web.HTTPNotFound(text=f"{name}/{part} is configured but {path} is missing\n")
-    response = _ImageResponse(path, ctx, name, part, _honour_if_range(request, version))
+    return version
+
+
+async def image_file(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    name, part = request.match_info["image"], request.match_info["part"]
+    version = _image_version(ctx, name, part)
+    response = _ImageResponse(version.path, ctx, name, part,
+                              _honour_if_range(request, version))
     digest = ctx.hashes.cached(version)
     if digest is not None:
         response.headers["X-Checksum-Sha256"] = digest
@@ -219,12 +226,7 @@ class _ImageResponse(web.FileResponse):
 async def image_sha256(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     name, part = request.match_info["image"], request.match_info["part"]
-    image = ctx.config.images.get(name)
-    path = image_path(image, part) if image is not None and part in PARTS else None
-    version = version_of(path) if path is not None else None
-    if version is None:
-        raise web.HTTPNotFound(text=f"no image file {name}/{part}\n")
-    digest = await ctx.hashes.sha256(version)
+    digest = await ctx.hashes.sha256(_image_version(ctx, name, part))
     return web.Response(text=f"{digest}  {part}\n", content_type="text/plain")
 
 
