@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bootd import __version__
 from bootd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -123,6 +127,77 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def _status_answer(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
+    """The status document from the daemon, else read-only from its database."""
+    import aiohttp
+
+    from bootd import status
+    from bootd.store import StoreError
+
+    config = None
+    with contextlib.suppress(ConfigError):
+        config = load_config(args.config)
+    api = args.api or (config.server.api if config else "/run/bootd/api.sock")
+    path = "/api/v1/status"
+    if args.node:
+        path += f"/{urllib.parse.quote(args.node, safe='')}?attempts={args.attempts}"
+    try:
+        code, body = asyncio.run(_admin_request(api, "GET", path))
+    except (aiohttp.ClientError, OSError):
+        if config is None:
+            print(f"bootd status: no daemon at {api} and no readable config {args.config}",
+                  file=sys.stderr)
+            return None, 2
+        try:
+            answer = status.from_database(config)
+        except StoreError as exc:
+            print(f"bootd status: no daemon at {api}, and {exc}", file=sys.stderr)
+            return None, 2
+        print(f"bootd: daemon not running; read-only view of "
+              f"{config.server.state_dir / 'bootd.sqlite3'}", file=sys.stderr)
+        recorder = answer.pop("_recorder")
+        if args.node:
+            state = recorder.find(args.node)
+            if state is None:
+                print(f"bootd status: no boot events for {args.node!r}", file=sys.stderr)
+                return None, 1
+            return {"now": answer["now"], **state.to_json(with_history=args.attempts)}, 0
+        return answer, 0
+    if code == 404 and args.node:
+        print(f"bootd status: no boot events for {args.node!r}", file=sys.stderr)
+        return None, 1
+    if code != 200:
+        print(f"bootd status: the daemon answered {code}: {body[:200]}", file=sys.stderr)
+        return None, 2
+    answer = json.loads(body)
+    assert isinstance(answer, dict)
+    return answer, 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bootd import status
+
+    while True:
+        answer, rc = _status_answer(args)
+        if answer is None:
+            return rc
+        if args.output == "json":
+            text = json.dumps(answer, indent=2)
+        elif args.node:
+            text = status.timeline(answer)
+        else:
+            text = status.table(answer, wide=args.output == "wide",
+                                colour=sys.stdout.isatty(), pool=args.pool, stage=args.stage)
+        if not args.watch:
+            print(text)
+            return 0
+        print("\033[H\033[2J" + text, flush=True)  # redraw in place
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bootd {__version__}")
@@ -149,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help="admin API: unix socket path or loopback host:port "
                    "(default: server.api from the config)")
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("status", help="where every node is in its boot")
+    with_config(p)
+    p.add_argument("node", nargs="?", help="a node's name, MAC or IP: its timeline")
+    p.add_argument("--api", help="admin API (default: server.api from the config)")
+    p.add_argument("-o", "--output", choices=["table", "wide", "json"], default="table")
+    p.add_argument("--pool", help="only nodes of this pool")
+    p.add_argument("--stage", help="only nodes at this stage ('stalled' for stalled ones)")
+    p.add_argument("--attempts", type=int, default=1, help="attempts to show for NODE")
+    p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("lab", help="demo: bootd on a throw-away namespace network (root)")
     p.set_defaults(func=cmd_lab)

@@ -398,11 +398,17 @@ class IpxeConfig(_Model):
     attempts: int = Field(default=6, ge=1, le=1000)  # then `exit 1`: next boot device
 
 
+class EventsConfig(_Model):
+    stall_after: Duration = 600.0  # no progress this long: the node is `stalled`
+    keep_attempts: int = Field(default=10, ge=1, le=1000)  # per node, in the state database
+
+
 class Config(_Model):
     server: ServerConfig
     network: NetworkConfig
     tftp: TftpConfig = TftpConfig()
     ipxe: IpxeConfig = IpxeConfig()
+    events: EventsConfig = EventsConfig()
     images: dict[str, ImageConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
     defaults: ProfileConfig = ProfileConfig()

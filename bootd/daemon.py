@@ -9,20 +9,24 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import structlog
 from aiohttp import web
 
+from bootd import events
 from bootd.config import Config, ConfigError, load_config
 from bootd.dhcp.leases import LeaseTable
-from bootd.dhcp.packet import DhcpError, decode
+from bootd.dhcp.packet import DhcpError, DhcpPacket, MessageType, decode
 from bootd.dhcp.server import DhcpContext, DhcpSettings, Outcome, Reply, decide
 from bootd.dhcp.transport import open_endpoints
+from bootd.events import BootEvent
 from bootd.http.app import HttpContext, ReloadResult, admin_app, boot_app
 from bootd.images import PARTS, ImageHashes, image_path, version_of
 from bootd.inventory import Inventory
 from bootd.metrics import Metrics
 from bootd.ratelimit import RateLimiter
+from bootd.recorder import Recorder
 from bootd.render import base_url
 from bootd.store import Store
 from bootd.tftp.dynamic import GrubConfigs
@@ -45,6 +49,7 @@ class DhcpService:
     store: Store
     metrics: Metrics
     unknown_log: RateLimiter
+    recorder: Recorder | None = None
 
     def handle(self, data: bytes, interface: str) -> Reply | None:
         now = time.time()
@@ -62,14 +67,46 @@ class DhcpService:
                 self.store.apply_lease_changes(changes)
                 self.metrics.dhcp_leases.set(len(self.ctx.leases))
         self.metrics.dhcp_packets.labels(outcome.kind).inc()
-        self._log(outcome, request.xid, interface, now)
+        self._log(outcome, request, interface, now)
+        if self.recorder is not None:
+            self._record(self.recorder, request, outcome, now)
         return outcome.reply
 
-    def _log(self, outcome: Outcome, xid: int, interface: str, now: float) -> None:
-        fields: dict[str, object] = {"interface": interface, "xid": f"{xid:08x}"}
+    @staticmethod
+    def _record(recorder: Recorder, request: DhcpPacket, outcome: Outcome, now: float) -> None:
+        try:
+            mac = request.mac
+        except DhcpError:
+            return
+        node = outcome.node
+        ip = str(outcome.ip) if outcome.ip is not None else None
+
+        def event(stage: str, result: str = "ok", **detail: object) -> None:
+            recorder.record(BootEvent(now, stage, node.name if node else None, mac, ip,
+                                      node.pool if node else None, result,
+                                      MappingProxyType(detail)))
+
+        if outcome.kind == "unknown-mac":
+            event(events.REFUSED, "refused", reason="unknown MAC (DHCP)")
+            return
+        firmware = outcome.boot.firmware.value if outcome.boot is not None else (
+            "os" if request.client_arch is None and not request.is_ipxe else "unknown")
+        if request.message_type is MessageType.DISCOVER and node is not None:
+            event(events.DHCP_DISCOVER, firmware=firmware, vendor_class=request.vendor_class)
+        if outcome.kind == "offer":
+            event(events.DHCP_OFFER, firmware=firmware)
+        elif outcome.kind == "ack":
+            boot = outcome.boot.bootfile if outcome.boot is not None else None
+            event(events.DHCP_ACK, firmware=firmware, state=outcome.detail, bootfile=boot)
+        elif outcome.kind == "nak":
+            event(events.DHCP_NAK, "error", reason=outcome.detail)
+
+    def _log(self, outcome: Outcome, request: DhcpPacket, interface: str, now: float) -> None:
+        fields: dict[str, object] = {"interface": interface, "xid": f"{request.xid:08x}"}
         if outcome.node is not None:
-            fields.update(node=outcome.node.name, mac=outcome.node.macs[0],
-                          pool=outcome.node.pool)
+            fields.update(node=outcome.node.name, pool=outcome.node.pool)
+        with contextlib.suppress(DhcpError):
+            fields["mac"] = request.mac
         if outcome.ip is not None:
             fields["ip"] = str(outcome.ip)
         if outcome.boot is not None:
@@ -130,9 +167,19 @@ class TftpService:
 
     ctx: DhcpContext
     metrics: Metrics
+    recorder: Recorder | None = None
 
     def record(self, r: TransferRecord) -> None:
-        found = self.ctx.node_for_ip(r.client, time.time())
+        now = time.time()
+        found = self.ctx.node_for_ip(r.client, now)
+        if self.recorder is not None and found is not None:
+            node, mac = found
+            self.recorder.record(BootEvent(
+                now, events.TFTP, node.name, mac, str(r.client), node.pool,
+                "ok" if r.outcome in ("ok", "unconfirmed") else "error", MappingProxyType({
+                    "file": r.filename, "bytes": r.size, "blksize": r.blksize,
+                    "windowsize": r.windowsize, "duration": round(r.duration, 4),
+                    "result": r.outcome, "reason": r.detail or None})))
         fields: dict[str, object] = {
             "client": f"{r.client}:{r.port}", "file": r.filename, "size": r.size,
             "blksize": r.blksize, "windowsize": r.windowsize,
@@ -175,14 +222,19 @@ class Runtime:
         self.config = config
         self.store = store
         self.metrics = metrics
+        self.recorder = Recorder(store, stall_after=config.events.stall_after,
+                                 keep_attempts=config.events.keep_attempts, metrics=metrics)
+        loaded = self.recorder.load()
+        log.info("boot events restored", count=loaded)
         self.dhcp = build_dhcp(config, store, metrics)
+        self.dhcp.recorder = self.recorder
         self.grub = GrubConfigs(self.dhcp.ctx, config.images, str(config.server.address),
                                 config.server.http_port)
         self.files = FileResolver(config.tftp.root, config.tftp.fallback_dirs, self.grub)
         self.http = HttpContext(config, self.dhcp.ctx, ImageHashes(), providers(config.clusters),
                                 self.files, self.grub, metrics,
                                 base_url(str(config.server.address), config.server.http_port),
-                                reload=self.reload)
+                                reload=self.reload, recorder=self.recorder)
         self.tftp: TftpServer | None = None
         self._tasks: list[asyncio.Task[object]] = []
         self._token_tasks: list[asyncio.Task[None]] = []
@@ -237,6 +289,8 @@ class Runtime:
         if self.tftp is not None:
             self.tftp.limits = tftp_limits(new)
             self.tftp.max_transfers = new.tftp.max_transfers
+        self.recorder.stall_after = new.events.stall_after
+        self.recorder.keep_attempts = new.events.keep_attempts
         self.http.config = new
         self.http.url = base_url(str(new.server.address), new.server.http_port)
         self.config = new
@@ -259,8 +313,10 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
         rt.tftp = await start_tftp(
             rt.files, tftp_limits(config), config.server.tftp_port,
             single_port=config.tftp.single_port, max_transfers=config.tftp.max_transfers,
-            on_record=TftpService(rt.dhcp.ctx, rt.metrics).record)
+            on_record=TftpService(rt.dhcp.ctx, rt.metrics, rt.recorder).record)
         stack.callback(rt.tftp.close)
+        flusher = asyncio.create_task(rt.recorder.run_flusher())
+        stack.push_async_callback(_cancel_and_wait, flusher)  # flushes what is pending
         rt.start_background()
         stack.callback(rt.stop_background)
         await stack.enter_async_context(
@@ -280,6 +336,12 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
         await stop.wait()
     log.info("bootd stopped")
     return 0
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BOOT_BUCKETS = (10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 
 
 class Metrics:
@@ -34,6 +37,18 @@ class Metrics:
             ["cluster"], registry=self.registry)
         self.reloads = Counter(
             "bootd_config_reloads", "Config reloads, by outcome", ["outcome"],
+            registry=self.registry)
+        self.boot_events = Counter(
+            "bootd_boot_events", "Boot events recorded, by stage and outcome",
+            ["stage", "outcome"], registry=self.registry)
+        self.stage_seconds = Histogram(
+            "bootd_boot_stage_seconds", "Time from a stage to the next one in a boot attempt",
+            ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.boot_seconds = Histogram(
+            "bootd_boot_seconds", "Whole boots: first DISCOVER of an attempt to `joined`",
+            buckets=BOOT_BUCKETS, registry=self.registry)
+        self.nodes_by_stage = Gauge(
+            "bootd_nodes", "Nodes by current stage (stalled ones under `stalled`)", ["stage"],
             registry=self.registry)
         self.dhcp_leases = Gauge(
             "bootd_dhcp_dynamic_leases", "Addresses of the dynamic range with a lease record",

@@ -6,14 +6,17 @@ which is what "a restart loses no lease" needs, at tens of microseconds per comm
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import MappingProxyType
 
 from bootd.dhcp.leases import Lease, LeaseChange, LeaseDeleted, LeaseState
+from bootd.events import BootEvent
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: boot events
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -24,6 +27,20 @@ CREATE TABLE IF NOT EXISTS leases (
     hostname TEXT
 );
 CREATE INDEX IF NOT EXISTS leases_mac ON leases (mac);
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY,
+    ts      REAL NOT NULL,
+    key     TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    stage   TEXT NOT NULL,
+    node    TEXT,
+    mac     TEXT,
+    ip      TEXT,
+    pool    TEXT,
+    outcome TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_key ON events (key, attempt);
 """
 
 
@@ -84,6 +101,54 @@ class Store:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+
+    def append_events(self, batch: list[tuple[BootEvent, int]], keep_attempts: int) -> None:
+        """One transaction: the batch, then each touched node's attempts beyond the last
+        `keep_attempts` are deleted."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany(
+                "INSERT INTO events (ts, key, attempt, stage, node, mac, ip, pool, outcome,"
+                " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e.ts, e.key, attempt, e.stage, e.node, e.mac, e.ip, e.pool, e.outcome,
+                  json.dumps(dict(e.detail), default=str)) for e, attempt in batch])
+            latest: dict[str, int] = {}
+            for e, attempt in batch:
+                latest[e.key] = max(attempt, latest.get(e.key, 0))
+            cur.executemany("DELETE FROM events WHERE key = ? AND attempt <= ?",
+                            [(key, top - keep_attempts) for key, top in latest.items()])
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def load_events(self) -> list[tuple[BootEvent, int]]:
+        rows = self._db.execute(
+            "SELECT ts, key, attempt, stage, node, mac, ip, pool, outcome, detail FROM events"
+            " ORDER BY key, attempt, id")
+        out = []
+        for ts, _key, attempt, stage, node, mac, ip, pool, outcome, detail in rows:
+            try:
+                parsed = json.loads(detail)
+            except ValueError:
+                parsed = {}
+            out.append((BootEvent(ts, stage, node, mac, ip, pool, outcome,
+                                  MappingProxyType(parsed)), attempt))
+        return out
+
+    @classmethod
+    def open_read_only(cls, path: Path) -> Store:
+        """For `bootd status` when the daemon is not running: never writes."""
+        store = cls.__new__(cls)
+        store.path = path
+        try:
+            store._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                        check_same_thread=False)
+            store._db.execute("SELECT 1 FROM events LIMIT 1")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read state database {path}: {exc}") from exc
+        return store
 
     def close(self) -> None:
         self._db.close()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import MappingProxyType
 
 import structlog
 from aiohttp import web
@@ -22,13 +23,16 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bootd import events
 from bootd.config import ClusterConfig, Config
 from bootd.dhcp.server import DhcpContext
+from bootd.events import BootEvent
 from bootd.images import PARTS, FileVersion, ImageHashes, image_path, version_of
 from bootd.inventory import NodeProfile
 from bootd.mac import mac_dashed, normalize_mac
 from bootd.metrics import Metrics
 from bootd.ratelimit import RateLimiter
+from bootd.recorder import Recorder
 from bootd.render import (
     cloud_meta_data,
     cloud_network_config,
@@ -70,6 +74,17 @@ class HttpContext:
     metrics: Metrics
     url: str
     reload: Callable[[], ReloadResult] | None = None
+    recorder: Recorder | None = None
+
+    def event(self, stage: str, node: NodeProfile | None, mac: str | None,
+              request: web.BaseRequest, outcome: str = "ok", **detail: object) -> None:
+        """A boot event for `bootd status`; never carries secrets."""
+        if self.recorder is None or (node is None and mac is None):
+            return
+        self.recorder.record(BootEvent(
+            time.time(), stage, node.name if node else None, mac, request.remote,
+            node.pool if node else None, outcome,
+            MappingProxyType({k: v for k, v in detail.items() if v is not None})))
 
     def client_ip(self, request: web.BaseRequest) -> IPv4Address | None:
         peer = request.remote
@@ -114,6 +129,8 @@ async def node_script(request: web.Request) -> web.Response:
 
 async def _node_script(ctx: HttpContext, mac: str, request: web.Request) -> web.Response:
     def give_up(what: str) -> web.Response:
+        ctx.event(events.REFUSED if node is None else events.IPXE_SCRIPT, node, mac, request,
+                  "refused" if node is None else "error", reason=what)
         try:
             attempt = max(1, int(request.query.get("attempt", "1")))
         except ValueError:
@@ -139,6 +156,7 @@ async def _node_script(ctx: HttpContext, mac: str, request: web.Request) -> web.
     if image.rootfs is not None and (version := version_of(image.rootfs)) is not None:
         rootfs_sha = await ctx.hashes.sha256(version)
     log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
+    ctx.event(events.IPXE_SCRIPT, node, mac, request, image=node.image)
     return web.Response(text=ipxe_node(node, mac, image, ctx.url, rootfs_sha),
                         content_type="text/plain")
 
@@ -154,6 +172,7 @@ async def beacon(request: web.Request) -> web.Response:
     mac = _mac_or_400(request.match_info["mac"])
     node = ctx.dhcp.inventory.resolve(mac)
     log.info("http kernel-handoff", **_node_fields(node, mac), client=request.remote)
+    ctx.event(events.KERNEL_HANDOFF, node, mac, request)
     return web.Response(text="bootd: kernel handed control\n", content_type="text/plain")
 
 
@@ -218,6 +237,11 @@ class _ImageResponse(web.FileResponse):
         client = ctx.client_ip(request)
         found = ctx.dhcp.node_for_ip(client, time.time()) if client else None
         ctx.metrics.http_image_bytes.labels(self._part).inc(sent)
+        if found is not None:
+            ctx.event(self._part, found[0], found[1], request,
+                      "ok" if self.status < 400 else "error", image=self._image, bytes=sent,
+                      status=self.status, range=request.headers.get("Range"),
+                      duration=round(duration, 4))
         log.info(f"http {self._part}", image=self._image, status=self.status, bytes=sent,
                  range=request.headers.get("Range"), client=request.remote,
                  duration_s=round(duration, 4), **(_node_fields(*found) if found else {}))
@@ -275,6 +299,8 @@ def _secret_material(ctx: HttpContext, request: web.Request, mac: str, what: str
     if node is None:
         ctx.metrics.http_refusals.labels(what).inc()
         log.warning(f"http {what} refused", mac=mac, client=request.remote, reason=refused)
+        ctx.event(events.REFUSED, ctx.dhcp.inventory.resolve(mac), mac, request, "refused",
+                  reason=f"{what}: {refused}")
         raise web.HTTPForbidden(text=f"bootd: {what} is served only to its node\n")
     cluster = ctx.config.clusters.get(node.cluster) if node.cluster else None
     token = None
@@ -286,6 +312,7 @@ def _secret_material(ctx: HttpContext, request: web.Request, mac: str, what: str
             raise web.HTTPServiceUnavailable(
                 text=f"bootd: no join token for cluster {node.cluster} yet\n")
     log.info(f"http {what}", **_node_fields(node, mac), client=request.remote)
+    ctx.event(events.JOIN_SCRIPT, node, mac, request, via=what)
     return node, cluster, token
 
 
@@ -348,6 +375,8 @@ async def node_event(request: web.Request) -> web.Response:
     ctx.metrics.node_events.labels(stage).inc()
     log.info(f"node {stage}", **_node_fields(node, mac), message=message,
              client=request.remote)
+    ctx.event(stage, node, mac, request, "error" if stage == events.FAILED else "ok",
+              message=message or None, reported=True)
     return web.Response(status=204)
 
 
@@ -391,6 +420,8 @@ async def metrics(request: web.Request) -> web.Response:
         status = provider.status()
         ctx.metrics.token_failures.labels(name).set(status.failures)
         ctx.metrics.token_available.labels(name).set(1 if status.has_token else 0)
+    if ctx.recorder is not None:
+        ctx.recorder.update_gauges()
     return web.Response(body=generate_latest(ctx.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -429,6 +460,40 @@ async def tokens_status(request: web.Request) -> web.Response:
     return web.json_response({name: vars(p.status()) for name, p in ctx.tokens.items()})
 
 
+async def status(request: web.Request) -> web.Response:
+    """Every node seen or configured: where it is in its boot (see `bootd status`)."""
+    ctx = request.app[CTX]
+    if ctx.recorder is None:
+        raise web.HTTPNotImplemented(text="bootd: no event recorder in this process\n")
+    seen = {s.key: s for s in ctx.recorder.states()}
+    out = [s.to_json() for s in seen.values()]
+    for node in ctx.dhcp.inventory.nodes:
+        if node.name not in seen:
+            out.append({"node": node.name, "mac": node.macs[0],
+                        "ip": str(node.ip) if node.ip else None, "pool": node.pool,
+                        "stage": "never-seen", "stalled": False, "since": None,
+                        "first_seen": None, "last_seen": None, "attempts": 0,
+                        "last_error": None, "last_boot_time": None})
+    return web.json_response({"now": time.time(), "nodes": out})
+
+
+async def status_detail(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    if ctx.recorder is None:
+        raise web.HTTPNotImplemented(text="bootd: no event recorder in this process\n")
+    wanted = request.match_info["node"]
+    with contextlib.suppress(ValueError):
+        wanted = normalize_mac(wanted)
+    state = ctx.recorder.find(wanted)
+    if state is None:
+        raise web.HTTPNotFound(text=f"bootd: no boot events for {wanted!r}\n")
+    try:
+        attempts = max(1, int(request.query.get("attempts", "1")))
+    except ValueError:
+        raise web.HTTPBadRequest(text="bootd: attempts must be a number\n") from None
+    return web.json_response({"now": time.time(), **state.to_json(with_history=attempts)})
+
+
 async def reload_config(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     if ctx.reload is None:
@@ -448,4 +513,6 @@ def admin_app(ctx: HttpContext) -> web.Application:
     app.router.add_get("/api/v1/nodes/{name}", node_detail)
     app.router.add_get("/api/v1/tokens", tokens_status)
     app.router.add_post("/api/v1/reload", reload_config)
+    app.router.add_get("/api/v1/status", status)
+    app.router.add_get("/api/v1/status/{node}", status_detail)
     return app

@@ -1,0 +1,180 @@
+"""Boot events and what they say about a node: attempts, current stage, stalls, timings.
+
+Pure: events in, state out; time is a parameter. The daemon records every step it sees
+(DHCP, TFTP, each HTTP fetch, beacons, refusals) and what nodes report themselves, and
+`bootd status` is this module applied to those events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+# Stages bootd observes, in the order a healthy boot passes them.
+DHCP_DISCOVER = "dhcp-discover"
+DHCP_OFFER = "dhcp-offer"
+DHCP_ACK = "dhcp-ack"
+DHCP_NAK = "dhcp-nak"
+TFTP = "tftp"
+IPXE_SCRIPT = "ipxe-script"
+KERNEL = "kernel"
+INITRD = "initrd"
+KERNEL_HANDOFF = "kernel-handoff"
+ROOTFS = "rootfs"
+JOIN_SCRIPT = "join-script"
+# Stages nodes report (POST /api/v1/events); any [a-z-] name is accepted.
+JOINED = "joined"
+FAILED = "failed"
+# Requests bootd refused (unknown MAC, 403, malformed packet): an event, not a stage.
+REFUSED = "refused"
+
+FINISHED = frozenset({JOINED, FAILED})
+FIRMWARE = frozenset({"bios", "efi32", "efi64", "arm64"})
+# Once a node got this far, a firmware DISCOVER means it rebooted: a new attempt.
+PAST_FIRMWARE = frozenset({KERNEL_HANDOFF, ROOTFS, JOIN_SCRIPT})
+
+
+@dataclass(frozen=True)
+class BootEvent:
+    ts: float
+    stage: str
+    node: str | None  # None: a MAC bootd does not know
+    mac: str | None = None
+    ip: str | None = None
+    pool: str | None = None
+    outcome: str = "ok"  # ok | error | refused
+    detail: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def key(self) -> str:
+        """Who this event is about: the node's name, else its MAC."""
+        return self.node or self.mac or "?"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ts": self.ts, "stage": self.stage, "node": self.node, "mac": self.mac,
+                "ip": self.ip, "pool": self.pool, "outcome": self.outcome,
+                "detail": dict(self.detail)}
+
+
+def starts_attempt(current: list[BootEvent], event: BootEvent, stall_after: float) -> bool:
+    """Does `event` begin a new boot attempt after the events of the current one?"""
+    if not current:
+        return True
+    if event.stage != DHCP_DISCOVER:
+        return False
+    last = current[-1]
+    if last.stage in FINISHED or event.ts - last.ts > stall_after:
+        return True
+    rebooted = event.detail.get("firmware") in FIRMWARE
+    return rebooted and any(e.stage in PAST_FIRMWARE for e in current)
+
+
+def split_attempts(events: Iterable[BootEvent], stall_after: float) -> list[list[BootEvent]]:
+    attempts: list[list[BootEvent]] = []
+    for event in sorted(events, key=lambda e: e.ts):
+        if not attempts or starts_attempt(attempts[-1], event, stall_after):
+            attempts.append([])
+        attempts[-1].append(event)
+    return attempts
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str
+    offset: float  # seconds since the attempt began
+    duration: float | None  # until the next step; None for the last one
+    outcome: str
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    started: float
+    steps: tuple[Step, ...]
+    outcome: str | None  # joined | failed | None (still going or stalled)
+    duration: float  # first to last event
+
+    def to_json(self) -> dict[str, Any]:
+        return {"number": self.number, "started": self.started, "outcome": self.outcome,
+                "duration": self.duration,
+                "steps": [{"stage": s.stage, "offset": round(s.offset, 3),
+                           "duration": None if s.duration is None else round(s.duration, 3),
+                           "outcome": s.outcome, "detail": dict(s.detail)}
+                          for s in self.steps]}
+
+
+def attempt_of(number: int, events: list[BootEvent]) -> Attempt:
+    start = events[0].ts
+    steps = tuple(
+        Step(e.stage, e.ts - start,
+             events[i + 1].ts - e.ts if i + 1 < len(events) else None, e.outcome, e.detail)
+        for i, e in enumerate(events))
+    finished = next((e.stage for e in reversed(events) if e.stage in FINISHED), None)
+    return Attempt(number, start, steps, finished, events[-1].ts - start)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    key: str
+    name: str | None
+    mac: str | None
+    ip: str | None
+    pool: str | None
+    stage: str  # the latest stage, or "stalled:<stage>" semantics via `stalled`
+    since: float  # when that stage was reached
+    stalled: bool
+    first_seen: float
+    last_seen: float
+    attempts: int
+    last_error: str | None
+    last_boot_time: float | None  # duration of the last attempt that reached `joined`
+    history: tuple[Attempt, ...]
+
+    def to_json(self, with_history: int = 0) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node": self.name, "mac": self.mac, "ip": self.ip, "pool": self.pool,
+            "stage": self.stage, "stalled": self.stalled, "since": self.since,
+            "first_seen": self.first_seen, "last_seen": self.last_seen,
+            "attempts": self.attempts, "last_error": self.last_error,
+            "last_boot_time": self.last_boot_time,
+        }
+        if with_history:
+            out["history"] = [a.to_json() for a in self.history[-with_history:]]
+        return out
+
+
+def _error_text(event: BootEvent) -> str:
+    message = event.detail.get("message") or event.detail.get("reason") or event.outcome
+    return f"{event.stage}: {message}"
+
+
+def derive(events: Iterable[BootEvent], now: float, stall_after: float,
+           first_attempt: int = 1) -> NodeState | None:
+    """A node's state from its events (all of one node, any order)."""
+    attempts = split_attempts(events, stall_after)
+    if not attempts:
+        return None
+    history = tuple(attempt_of(first_attempt + i, a) for i, a in enumerate(attempts))
+    flat = [e for a in attempts for e in a]
+    last = flat[-1]
+    progress = [e for e in attempts[-1] if e.stage != REFUSED] or attempts[-1]
+    finishing = [e for e in progress if e.stage in FINISHED]
+    # after `joined`, lease renewals and the like do not change what the node is doing
+    current = finishing[-1] if finishing else progress[-1]
+    errors = [e for e in flat if e.outcome != "ok" or e.stage == FAILED]
+    joined = [a for a in history if a.outcome == JOINED]
+    known = next((e for e in reversed(flat) if e.node), last)
+    return NodeState(
+        key=last.key, name=known.node, mac=next((e.mac for e in reversed(flat) if e.mac), None),
+        ip=next((e.ip for e in reversed(flat) if e.ip), None),
+        pool=next((e.pool for e in reversed(flat) if e.pool), None),
+        stage=current.stage, since=current.ts,
+        stalled=not finishing and now - last.ts > stall_after,
+        first_seen=flat[0].ts, last_seen=last.ts, attempts=history[-1].number,
+        last_error=_error_text(errors[-1]) if errors else None,
+        last_boot_time=joined[-1].duration if joined else None,
+        history=history,
+    )

@@ -1,0 +1,137 @@
+"""`bootd status`: the boot of every node at a glance, from the daemon or its database.
+
+Output `-o json` is a stable schema: {"now": <unix time>, "nodes": [{"node", "mac", "ip",
+"pool", "stage", "stalled", "since", "first_seen", "last_seen", "attempts", "last_error",
+"last_boot_time"}]}; `bootd status NODE -o json` adds "history": [{"number", "started",
+"outcome", "duration", "steps": [{"stage", "offset", "duration", "outcome", "detail"}]}].
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bootd.config import Config
+from bootd.inventory import Inventory
+from bootd.recorder import Recorder
+from bootd.store import Store
+
+RESET, RED, GREEN, YELLOW, DIM = "\033[0m", "\033[31m", "\033[32m", "\033[33m", "\033[2m"
+
+
+def from_database(config: Config) -> dict[str, Any]:
+    """The same answer as GET /api/v1/status, read-only from the state database."""
+    path = config.server.state_dir / "bootd.sqlite3"
+    store = Store.open_read_only(path)
+    try:
+        recorder = Recorder(store, stall_after=config.events.stall_after,
+                            keep_attempts=config.events.keep_attempts)
+        recorder.load()
+    finally:
+        store.close()
+    seen = {s.key: s for s in recorder.states()}
+    nodes = [s.to_json() for s in seen.values()]
+    for node in Inventory(config).nodes:
+        if node.name not in seen:
+            nodes.append({"node": node.name, "mac": node.macs[0],
+                          "ip": str(node.ip) if node.ip else None, "pool": node.pool,
+                          "stage": "never-seen", "stalled": False, "since": None,
+                          "first_seen": None, "last_seen": None, "attempts": 0,
+                          "last_error": None, "last_boot_time": None})
+    return {"now": time.time(), "nodes": nodes, "_recorder": recorder}
+
+
+def ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    return duration(max(0.0, now - ts)) + " ago"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _colour(row: dict[str, Any]) -> str:
+    if row["stage"] == "joined":
+        return GREEN
+    if row["stalled"] or row["stage"] in ("failed", "refused"):
+        return RED
+    if row["stage"] == "never-seen":
+        return DIM
+    return YELLOW
+
+
+def _order(row: dict[str, Any]) -> tuple[int, str, str]:
+    bad = row["stalled"] or row["stage"] in ("failed", "refused")
+    rank = 0 if bad else 2 if row["stage"] in ("joined", "never-seen") else 1
+    return rank, row["pool"] or "~", row["node"] or row["mac"] or ""
+
+
+def table(answer: dict[str, Any], *, wide: bool, colour: bool, pool: str | None = None,
+          stage: str | None = None) -> str:
+    now = float(answer["now"])
+    rows = [r for r in answer["nodes"]
+            if (pool is None or r["pool"] == pool)
+            and (stage is None or r["stage"] == stage
+                 or (stage == "stalled" and r["stalled"]))]
+    rows.sort(key=_order)
+    header = ["NAME", "MAC", "IP", "POOL", "STAGE", "SINCE", "BOOT TIME", "LAST ERROR"]
+    if wide:
+        header[7:7] = ["ATTEMPTS", "FIRST SEEN", "LAST SEEN"]
+    lines = [header]
+    for r in rows:
+        stage_text = r["stage"] + (" (stalled)" if r["stalled"] else "")
+        cells = [r["node"] or "(unknown)", r["mac"] or "-", r["ip"] or "-", r["pool"] or "-",
+                 stage_text, ago(r["since"], now), duration(r["last_boot_time"]),
+                 r["last_error"] or "-"]
+        if wide:
+            cells[7:7] = [str(r["attempts"]), ago(r["first_seen"], now),
+                          ago(r["last_seen"], now)]
+        else:
+            cells[-1] = cells[-1][:60]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        text = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip()
+        if colour and n > 0:
+            text = _colour(rows[n - 1]) + text + RESET
+        out.append(text)
+    counts: dict[str, int] = {}
+    for r in rows:
+        key = "stalled" if r["stalled"] else r["stage"]
+        counts[key] = counts.get(key, 0) + 1
+    out.append("")
+    out.append(f"{len(rows)} nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return "\n".join(out)
+
+
+def timeline(answer: dict[str, Any]) -> str:
+    now = float(answer["now"])
+    out = [f"{answer['node'] or '(unknown)'}  mac {answer['mac'] or '-'}  ip "
+           f"{answer['ip'] or '-'}  pool {answer['pool'] or '-'}",
+           f"stage {answer['stage']}{' (stalled)' if answer['stalled'] else ''} since "
+           f"{ago(answer['since'], now)}; attempts {answer['attempts']}; last boot "
+           f"{duration(answer['last_boot_time'])}; last error {answer['last_error'] or '-'}"]
+    for attempt in answer.get("history", []):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempt["started"]))
+        out.append("")
+        out.append(f"attempt {attempt['number']}  started {started}  "
+                   f"{attempt['outcome'] or 'in progress'}  ({duration(attempt['duration'])})")
+        for step in attempt["steps"]:
+            detail = " ".join(f"{k}={v}" for k, v in step["detail"].items() if v is not None)
+            mark = "" if step["outcome"] == "ok" else f" [{step['outcome']}]"
+            took = duration(step["duration"]) if step["duration"] is not None else ""
+            out.append(f"  +{step['offset']:9.3f}s  {step['stage']:<16}{took:>9}{mark}  "
+                       f"{detail}".rstrip())
+    return "\n".join(out)
