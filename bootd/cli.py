@@ -198,6 +198,56 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from bootd.explain import explain
+    from bootd.mac import normalize_mac
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    try:
+        mac = normalize_mac(args.mac)
+    except ValueError as exc:
+        print(f"bootd explain: {exc}", file=sys.stderr)
+        return 2
+    print(explain(config, mac, args.arch, args.ipxe))
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """The configured inventory, and whether each node has been seen booting."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    args.node, args.attempts = None, 1
+    answer, _ = _status_answer(args)
+    seen = {n["node"]: n for n in (answer or {}).get("nodes", []) if n.get("attempts")}
+    nodes = Inventory(config).nodes
+    if args.output == "json":
+        print(json.dumps([{
+            "node": n.name, "pool": n.pool, "macs": list(n.macs), "ip": str(n.ip),
+            "tags": list(n.tags), "labels": dict(n.labels), "taints": list(n.taints),
+            "seen": seen[n.name]["stage"] if n.name in seen else "never"} for n in nodes],
+            indent=2))
+        return 0
+    header = ["NAME", "POOL", "MACS", "IP", "TAGS", "LABELS", "TAINTS", "SEEN"]
+    table = [header] + [[n.name, n.pool, ",".join(n.macs), str(n.ip), ",".join(n.tags) or "-",
+                         ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
+                         ",".join(n.taints) or "-",
+                         str(seen[n.name]["stage"]) if n.name in seen else "never"]
+                        for n in nodes]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bootd {__version__}")
@@ -236,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("explain", help="dry run: what would this MAC get? (config only)")
+    with_config(p)
+    p.add_argument("mac")
+    p.add_argument("--arch", choices=["bios", "efi32", "efi64", "arm64", "http"],
+                   default="bios")
+    p.add_argument("--ipxe", action="store_true", help="the request comes from iPXE")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("nodes", help="configured inventory and whether each was seen")
+    with_config(p)
+    p.add_argument("--api", help="admin API (default: server.api from the config)")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("lab", help="demo: bootd on a throw-away namespace network (root)")
     p.set_defaults(func=cmd_lab)

@@ -1,0 +1,110 @@
+"""`bootd explain MAC`: what a machine would get, worked out from the config alone.
+
+It runs the same code the daemon runs (inventory, DHCP decision, templates) on a
+synthetic request, against an empty lease table, and masks secrets.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address
+
+from bootd.config import Config
+from bootd.dhcp.leases import LeaseTable
+from bootd.dhcp.options import Opt
+from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
+from bootd.dhcp.server import DhcpContext, DhcpSettings, decide
+from bootd.inventory import Inventory, NodeProfile
+from bootd.mac import mac_to_bytes
+from bootd.render import base_url, ipxe_node, join_script, kernel_cmdline
+
+ARCH_CODES = {"bios": 0, "efi32": 6, "efi64": 7, "arm64": 11, "http": 16}
+SECRET = "<token: served only to the node>"
+_NAMES = {int(o): o.name.lower().replace("_", "-") for o in Opt}
+
+
+def synthetic_discover(mac: str, arch: str, ipxe: bool) -> DhcpPacket:
+    code = ARCH_CODES[arch]
+    client = "HTTPClient" if arch == "http" else "PXEClient"
+    options: dict[int, bytes] = {
+        Opt.MESSAGE_TYPE: bytes((MessageType.DISCOVER,)),
+        Opt.CLIENT_ARCH: struct.pack("!H", code),
+        Opt.VENDOR_CLASS: f"{client}:Arch:{code:05d}:UNDI:003000".encode(),
+    }
+    if ipxe:
+        options[Opt.USER_CLASS] = b"iPXE"
+    return DhcpPacket(op=BOOTREQUEST, xid=0x12345678, chaddr=mac_to_bytes(mac),
+                      flags=0x8000, options=options)
+
+
+def _option_text(code: int, value: bytes) -> str:
+    if code == Opt.MESSAGE_TYPE and len(value) == 1 and 1 <= value[0] <= 8:
+        shown = MessageType(value[0]).name
+    elif len(value) % 4 == 0 and code in (1, 3, 6, 28, 42, 54):
+        shown = ", ".join(str(IPv4Address(value[i:i + 4])) for i in range(0, len(value), 4))
+    elif code in (51, 58, 59) and len(value) == 4:
+        shown = f"{struct.unpack('!I', value)[0]}s"
+    elif all(32 <= b < 127 for b in value):
+        shown = value.decode()
+    else:
+        shown = "0x" + value.hex()
+    return f"  {code:>3} {_NAMES.get(code, 'option'):<22} {shown}"
+
+
+def _layers(config: Config, node: NodeProfile) -> str:
+    pool = next(p for p in config.pools if p.name == node.pool)
+    node_tags = [t for t in node.tags if t not in pool.tags]
+    parts = ["defaults", f"pool {pool.name}", *(f"tag {t}" for t in pool.tags)]
+    if not node.dynamic:
+        parts.append(f"node {node.name}")
+    parts += [f"tag {t}" for t in node_tags]
+    return " < ".join(parts)
+
+
+def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False) -> str:
+    inventory = Inventory(config)
+    node = inventory.resolve(mac)
+    out = [f"MAC {mac}"]
+    if node is None:
+        out.append("  not in the inventory and there is no catch-all pool: bootd does not "
+                   "answer its DHCP, and its iPXE script says so and exits to the next "
+                   "boot device")
+        return "\n".join(out)
+    out += [
+        f"node      {node.name}{' (catch-all: name from the MAC)' if node.dynamic else ''}",
+        f"pool      {node.pool}",
+        f"merged    {_layers(config, node)}",
+        f"image     {node.image or '-'}   cluster {node.cluster or '-'}",
+        f"labels    {', '.join(f'{k}={v}' for k, v in node.labels.items()) or '-'}",
+        f"taints    {', '.join(node.taints) or '-'}",
+    ]
+    pool = inventory.catch_all
+    leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips) if pool else None
+    ctx = DhcpContext(inventory, leases, DhcpSettings.from_config(config))
+    outcome = decide(synthetic_discover(mac, arch, ipxe), ctx, 0.0)
+    out.append("")
+    out.append(f"DHCP answer to a {arch}{' iPXE' if ipxe else ''} DISCOVER: {outcome.kind}"
+               + (f" ({outcome.detail})" if outcome.detail else ""))
+    if outcome.reply is not None:
+        reply = decode(encode(outcome.reply.packet, outcome.reply.max_size))
+        note = " (first free in the catch-all range)" if node.ip is None else ""
+        out.append(f"  address {reply.yiaddr}{note}, next-server {reply.siaddr}, "
+                   f"boot file {reply.file.decode() or '-'}")
+        out += [_option_text(code, value) for code, value in reply.options.items()]
+    image = config.images.get(node.image) if node.image else None
+    url = base_url(str(config.server.address), config.server.http_port)
+    out.append("")
+    if image is None:
+        out.append("iPXE script: none (no image configured); the node is told so and exits")
+    else:
+        out.append("kernel command line:")
+        out.append("  " + kernel_cmdline(node, image, mac, url, "<sha256 of rootfs>"))
+        out.append("")
+        out.append(f"iPXE script ({url}/nodes/{mac.replace(':', '-')}/boot.ipxe):")
+        script = ipxe_node(node, mac, image, url, "<sha256 of rootfs>")
+        out += ["  " + line for line in script.splitlines()]
+    cluster = config.clusters.get(node.cluster) if node.cluster else None
+    out.append("")
+    out.append("join.sh (token masked):")
+    out += ["  " + line for line in join_script(node, mac, url, cluster, SECRET).splitlines()]
+    return "\n".join(out)
