@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the project root instead of bench/, whose http.py would shadow the standard library
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bootd.config import parse_config
 from bootd.inventory import Inventory

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the project root instead of bench/, whose http.py would shadow the standard library
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bootd.netlab import NetLab, netns_available
 
