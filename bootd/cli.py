@@ -248,6 +248,19 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from bootd.probe import probe
+
+    try:
+        return probe(args.interface, args.mac, args.arch, args.ipxe, args.timeout)
+    except PermissionError:
+        print("bootd probe: needs root (raw sockets)", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"bootd probe: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bootd {__version__}")
@@ -300,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help="admin API (default: server.api from the config)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("probe", help="play a PXE client against the boot server on an "
+                       "interface (any server: bootd, dnsmasq, ...)")
+    p.add_argument("--interface", "-i", required=True)
+    p.add_argument("--mac", help="client MAC to claim (default: the interface's)")
+    p.add_argument("--arch", choices=["bios", "efi32", "efi64", "arm64", "http"],
+                   default="bios")
+    p.add_argument("--ipxe", action="store_true", help="send user class iPXE")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("lab", help="demo: bootd on a throw-away namespace network (root)")
     p.set_defaults(func=cmd_lab)

@@ -37,15 +37,15 @@ def synthetic_discover(mac: str, arch: str, ipxe: bool) -> DhcpPacket:
                       flags=0x8000, options=options)
 
 
-def _option_text(code: int, value: bytes) -> str:
+def option_text(code: int, value: bytes) -> str:
     if code == Opt.MESSAGE_TYPE and len(value) == 1 and 1 <= value[0] <= 8:
         shown = MessageType(value[0]).name
     elif len(value) % 4 == 0 and code in (1, 3, 6, 28, 42, 54):
         shown = ", ".join(str(IPv4Address(value[i:i + 4])) for i in range(0, len(value), 4))
     elif code in (51, 58, 59) and len(value) == 4:
         shown = f"{struct.unpack('!I', value)[0]}s"
-    elif all(32 <= b < 127 for b in value):
-        shown = value.decode()
+    elif value.rstrip(b"\0") and all(32 <= b < 127 for b in value.rstrip(b"\0")):
+        shown = value.rstrip(b"\0").decode()
     else:
         shown = "0x" + value.hex()
     return f"  {code:>3} {_NAMES.get(code, 'option'):<22} {shown}"
@@ -90,7 +90,7 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False) ->
         note = " (first free in the catch-all range)" if node.ip is None else ""
         out.append(f"  address {reply.yiaddr}{note}, next-server {reply.siaddr}, "
                    f"boot file {reply.file.decode() or '-'}")
-        out += [_option_text(code, value) for code, value in reply.options.items()]
+        out += [option_text(code, value) for code, value in reply.options.items()]
     image = config.images.get(node.image) if node.image else None
     url = base_url(str(config.server.address), config.server.http_port)
     out.append("")
