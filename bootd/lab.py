@@ -41,7 +41,7 @@ CLIENTS = (
 )
 
 CONFIG = """\
-server: {{interfaces: [br0], address: {server}, state_dir: {state}}}
+server: {{interfaces: [br0], address: {server}, state_dir: {state}, api: {state}/api.sock}}
 network: {{subnet: 10.250.0.0/24, gateway: {server}, dns: [{server}], domain: lab.bootd,
           lease_time: 1h}}
 tags:
@@ -93,6 +93,10 @@ def run_lab(out: object = sys.stdout) -> int:
                 boot += f"  (next-server {env.get('siaddr', '?')})"
             say(f"{client.label:16} {client.mac:18} {env.get('ip', '?'):13} "
                 f"{env.get('hostname', '-'):24} {boot}")
+        status = subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(config)],
+                                capture_output=True, text=True, timeout=60, check=False)
+        say("\n$ bootd status")
+        say(status.stdout.rstrip() or status.stderr.rstrip())
         lab.stop(proc)
         say("\nbootd's log of the same exchanges:")
         for line in log.read_text().splitlines():

@@ -23,6 +23,7 @@ def test_lab_demo_shows_every_client_answered() -> None:
     assert "http://10.250.0.1:8080/boot.ipxe" in out
     assert "node-52-54-00-c0-ff-ee" in out
     assert "(no answer)" not in out
+    assert "$ bootd status" in out and "dhcp-ack" in out  # the events of those exchanges
     assert "removed namespaces" in out
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     assert "bootdlab-" not in leftovers.stdout
