@@ -149,13 +149,12 @@ def _status_answer(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int
                   file=sys.stderr)
             return None, 2
         try:
-            answer = status.from_database(config)
+            answer, recorder = status.from_database(config)
         except StoreError as exc:
             print(f"bootd status: no daemon at {api}, and {exc}", file=sys.stderr)
             return None, 2
         print(f"bootd: daemon not running; read-only view of "
               f"{config.server.state_dir / 'bootd.sqlite3'}", file=sys.stderr)
-        recorder = answer.pop("_recorder")
         if args.node:
             state = recorder.find(args.node)
             if state is None:

@@ -19,8 +19,9 @@ from bootd.store import Store
 RESET, RED, GREEN, YELLOW, DIM = "\033[0m", "\033[31m", "\033[32m", "\033[33m", "\033[2m"
 
 
-def from_database(config: Config) -> dict[str, Any]:
-    """The same answer as GET /api/v1/status, read-only from the state database."""
+def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
+    """The same answer as GET /api/v1/status, read-only from the state database, and the
+    recorder holding the histories (for one node's timeline)."""
     path = config.server.state_dir / "bootd.sqlite3"
     store = Store.open_read_only(path)
     try:
@@ -38,7 +39,7 @@ def from_database(config: Config) -> dict[str, Any]:
                           "stage": "never-seen", "stalled": False, "since": None,
                           "first_seen": None, "last_seen": None, "attempts": 0,
                           "last_error": None, "last_boot_time": None})
-    return {"now": time.time(), "nodes": nodes, "_recorder": recorder}
+    return {"now": time.time(), "nodes": nodes}, recorder
 
 
 def ago(ts: float | None, now: float) -> str:
