@@ -146,6 +146,8 @@ class ServerConfig(_Model):
     dhcp_port: int = Field(default=67, ge=1, le=65535)
     api: str = "/run/bootd/api.sock"
     state_dir: Path = Path("/var/lib/bootd")
+    # on SIGTERM: how long transfers and downloads in flight may take to finish
+    drain_timeout: Duration = 30.0
 
     @field_validator("api")
     @classmethod

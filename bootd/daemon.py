@@ -28,6 +28,7 @@ from bootd.metrics import Metrics
 from bootd.ratelimit import RateLimiter
 from bootd.recorder import Recorder
 from bootd.render import base_url
+from bootd.sdnotify import Notifier
 from bootd.store import Store
 from bootd.tftp.dynamic import GrubConfigs
 from bootd.tftp.files import FileResolver
@@ -306,9 +307,12 @@ class Runtime:
 
 async def _serve(config: Config, config_path: Path, store: Store) -> int:
     rt = Runtime(config_path, config, store, Metrics())
+    notifier = Notifier()
+    drain = config.server.drain_timeout
     async with contextlib.AsyncExitStack() as stack:
-        for transport, _ in await open_endpoints(config.server.interfaces,
-                                                 config.server.dhcp_port, rt.dhcp.handle):
+        dhcp_transports = [t for t, _ in await open_endpoints(
+            config.server.interfaces, config.server.dhcp_port, rt.dhcp.handle)]
+        for transport in dhcp_transports:
             stack.callback(transport.close)
         rt.tftp = await start_tftp(
             rt.files, tftp_limits(config), config.server.tftp_port,
@@ -319,23 +323,51 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
         stack.push_async_callback(_cancel_and_wait, flusher)  # flushes what is pending
         rt.start_background()
         stack.callback(rt.stop_background)
-        await stack.enter_async_context(
-            serve_http(boot_app(rt.http), host="0.0.0.0", port=config.server.http_port))
+        boot_runner = await stack.enter_async_context(serve_http(
+            boot_app(rt.http), host="0.0.0.0", port=config.server.http_port, drain=drain))
         await stack.enter_async_context(serve_http(admin_app(rt.http), api=config.server.api))
 
+        summary = (f"serving {len(rt.dhcp.ctx.inventory.nodes)} nodes on "
+                   f"{','.join(config.server.interfaces)}: dhcp :{config.server.dhcp_port}, "
+                   f"tftp :{config.server.tftp_port}, http :{config.server.http_port}")
         log.info("bootd serving", config=str(config_path),
                  interfaces=config.server.interfaces, address=str(config.server.address),
                  dhcp_port=config.server.dhcp_port, tftp_port=config.server.tftp_port,
                  http_port=config.server.http_port, api=config.server.api,
                  tftp_root=str(config.tftp.root), nodes=len(rt.dhcp.ctx.inventory.nodes))
+        notifier.ready(summary)  # every listener is bound by now
+        if notifier.watchdog_interval:
+            pinger = asyncio.create_task(_watchdog(notifier, notifier.watchdog_interval))
+            stack.push_async_callback(_cancel_and_wait, pinger)
+
+        def reload() -> None:
+            notifier.reloading()
+            result = rt.reload()
+            notifier.ready(summary if result.ok else f"{summary}; last reload refused")
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, rt.reload)
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
+
+        # Drain: stop taking new work everywhere, then let work in flight finish.
+        notifier.stopping()
+        log.info("bootd draining", timeout=drain, tftp_transfers=len(rt.tftp.active))
+        for transport in dhcp_transports:
+            transport.close()
+        left, _ = await asyncio.gather(rt.tftp.drain(drain), boot_runner.cleanup())
+        if left:
+            log.warning("tftp transfers cut short by shutdown", count=left)
     log.info("bootd stopped")
     return 0
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -346,10 +378,13 @@ async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
 
 @contextlib.asynccontextmanager
 async def serve_http(app: web.Application, *, host: str | None = None, port: int = 0,
-                     api: str | None = None) -> AsyncIterator[None]:
+                     api: str | None = None, drain: float = 5.0,
+                     ) -> AsyncIterator[web.AppRunner]:
     """Run an aiohttp app on host:port, or on `api` (a unix socket path or loopback
-    host:port, never the boot network)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    host:port, never the boot network). On exit it stops listening and gives requests in
+    flight up to `drain` seconds."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=drain)
     await runner.setup()
     try:
         site: web.BaseSite
@@ -369,6 +404,7 @@ async def serve_http(app: web.Application, *, host: str | None = None, port: int
             where = api or f"{host}:{port}"
             raise OSError(exc.errno, f"cannot listen for HTTP on {where}: {exc.strerror}",
                           ) from exc
-        yield
+        yield runner
     finally:
-        await runner.cleanup()
+        if runner.server is not None:  # not already drained by the caller
+            await runner.cleanup()

@@ -150,6 +150,7 @@ class TftpServer(asyncio.DatagramProtocol):
         self.on_record = on_record
         self.transport: asyncio.DatagramTransport | None = None
         self.active: dict[Addr, _Active] = {}
+        self.accepting = True
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -161,6 +162,11 @@ class TftpServer(asyncio.DatagramProtocol):
             if current is not None and current.transfer.bytes_sent == 0 and (
                     current.filename == _peek_name(data)):
                 return  # a retransmitted RRQ: the transfer's own timer answers it
+            if not self.accepting:
+                if self.transport is not None:
+                    self.transport.sendto(encode_error(ErrorCode.NOT_DEFINED,
+                                                       "server shutting down"), addr)
+                return
             self.loop.create_task(self._start(data, addr))
         elif self.single_port and current is not None:
             current.receive(data)
@@ -234,6 +240,15 @@ class TftpServer(asyncio.DatagramProtocol):
     def _record(self, record: TransferRecord) -> None:
         if self.on_record is not None:
             self.on_record(record)
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new requests, let transfers in flight finish for up to `timeout`;
+        returns how many were still running when the time ran out."""
+        self.accepting = False
+        deadline = self.loop.time() + timeout
+        while self.active and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self.active)
 
     def close(self) -> None:
         for active in list(self.active.values()):
