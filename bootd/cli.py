@@ -197,15 +197,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
 
+def _load_or_report(path: Path) -> Config | None:
+    """The config, or None after printing every problem as `bootd check` does."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return None
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from bootd.explain import explain
     from bootd.mac import normalize_mac
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 1
     try:
         mac = normalize_mac(args.mac)
@@ -218,11 +225,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     """The configured inventory, and whether each node has been seen booting."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 1
     args.node, args.attempts = None, 1
     answer, _ = _status_answer(args)

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -24,6 +25,7 @@ from bootd.events import (
     derive,
     starts_attempt,
 )
+from bootd.inventory import Inventory
 from bootd.metrics import Metrics
 from bootd.store import Store
 
@@ -141,6 +143,20 @@ class Recorder:
 
     def states(self) -> list[NodeState]:
         return [s for key in self._nodes if (s := self.state(key)) is not None]
+
+    def status_document(self, inventory: Inventory) -> dict[str, Any]:
+        """The `bootd status -o json` document: every node seen, then every configured
+        node never seen (stage `never-seen`)."""
+        seen = {s.key: s for s in self.states()}
+        nodes = [s.to_json() for s in seen.values()]
+        for node in inventory.nodes:
+            if node.name not in seen:
+                nodes.append({"node": node.name, "mac": node.macs[0],
+                              "ip": str(node.ip) if node.ip else None, "pool": node.pool,
+                              "stage": "never-seen", "stalled": False, "since": None,
+                              "first_seen": None, "last_seen": None, "attempts": 0,
+                              "last_error": None, "last_boot_time": None})
+        return {"now": self.clock(), "nodes": nodes}
 
     def find(self, wanted: str) -> NodeState | None:
         """By node name, MAC or IP."""

@@ -30,16 +30,7 @@ def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
         recorder.load()
     finally:
         store.close()
-    seen = {s.key: s for s in recorder.states()}
-    nodes = [s.to_json() for s in seen.values()]
-    for node in Inventory(config).nodes:
-        if node.name not in seen:
-            nodes.append({"node": node.name, "mac": node.macs[0],
-                          "ip": str(node.ip) if node.ip else None, "pool": node.pool,
-                          "stage": "never-seen", "stalled": False, "since": None,
-                          "first_seen": None, "last_seen": None, "attempts": 0,
-                          "last_error": None, "last_boot_time": None})
-    return {"now": time.time(), "nodes": nodes}, recorder
+    return recorder.status_document(Inventory(config)), recorder
 
 
 def ago(ts: float | None, now: float) -> str:

@@ -465,16 +465,7 @@ async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     if ctx.recorder is None:
         raise web.HTTPNotImplemented(text="bootd: no event recorder in this process\n")
-    seen = {s.key: s for s in ctx.recorder.states()}
-    out = [s.to_json() for s in seen.values()]
-    for node in ctx.dhcp.inventory.nodes:
-        if node.name not in seen:
-            out.append({"node": node.name, "mac": node.macs[0],
-                        "ip": str(node.ip) if node.ip else None, "pool": node.pool,
-                        "stage": "never-seen", "stalled": False, "since": None,
-                        "first_seen": None, "last_seen": None, "attempts": 0,
-                        "last_error": None, "last_boot_time": None})
-    return web.json_response({"now": time.time(), "nodes": out})
+    return web.json_response(ctx.recorder.status_document(ctx.dhcp.inventory))
 
 
 async def status_detail(request: web.Request) -> web.Response:

@@ -86,12 +86,14 @@ class DhcpLab:
     tmp: Path
     daemons: list[Bootd] = field(default_factory=list)
 
-    def bootd(self, config_body: str) -> Bootd:
+    def bootd(self, config_body: str, drain: str = "3s") -> Bootd:
+        """Start bootd; a short drain by default, since protocol tests leave transfers
+        abandoned on purpose and teardown expects a prompt exit."""
         state = self.tmp / "state"
         config = self.tmp / "bootd.yaml"
         config.write_text(textwrap.dedent(f"""\
             server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {state},
-                     api: {state}/api.sock}}
+                     api: {state}/api.sock, drain_timeout: {drain}}}
             network: {{subnet: {SUBNET}, gateway: {SERVER_IP}, dns: [{SERVER_IP}],
                        domain: lab.example, lease_time: 1h}}
             """) + textwrap.dedent(config_body))

@@ -93,7 +93,7 @@ def test_sigterm_drains_transfers_in_flight(dhcp_lab: DhcpLab) -> None:
     require("tftp", "curl")
     dhcp_lab.lab.address(dhcp_lab.client_ns, "cli0", "10.77.0.2/24")
     root, img = big_files(dhcp_lab, 24)
-    daemon = dhcp_lab.bootd(config(root, img))
+    daemon = dhcp_lab.bootd(config(root, img), drain="30s")
     clients = slow_downloads(dhcp_lab)
     time.sleep(1.5)
     started = time.monotonic()
