@@ -21,3 +21,21 @@ class RateLimiter:
         while len(self._last) > self.size:
             self._last.popitem(last=False)
         return True
+
+
+class TokenBucket:
+    """Per-key token buckets: `burst` at once, then `rate` per second; bounded keys."""
+
+    def __init__(self, rate: float, burst: float, size: int) -> None:
+        self.rate, self.burst, self.size = rate, burst, size
+        self._state: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, last = self._state.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self._state[key] = (tokens - 1.0 if allowed else tokens, now)
+        self._state.move_to_end(key)
+        while len(self._state) > self.size:
+            self._state.popitem(last=False)
+        return allowed

@@ -31,7 +31,7 @@ from bootd.images import PARTS, FileVersion, ImageHashes, image_path, version_of
 from bootd.inventory import NodeProfile
 from bootd.mac import mac_dashed, normalize_mac
 from bootd.metrics import Metrics
-from bootd.ratelimit import RateLimiter
+from bootd.ratelimit import TokenBucket
 from bootd.recorder import Recorder
 from bootd.render import (
     cloud_meta_data,
@@ -51,8 +51,9 @@ from bootd.tokens import TokenProvider
 log = structlog.get_logger("bootd.http")
 
 EVENT_MAX_BYTES = 4096
-EVENT_MIN_INTERVAL = 0.2  # per node: at most 5 reports a second
+EVENT_RATE, EVENT_BURST = 5.0, 20.0  # per node: bursts of 20 reports, then 5 a second
 _STAGE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_TOKEN_LIKE = re.compile(r"\b[a-z0-9]{6}\.[a-z0-9]{16}\b")  # kubeadm bootstrap token
 TEXT = "text/plain; charset=utf-8"
 
 
@@ -95,7 +96,7 @@ class HttpContext:
 
 
 CTX = web.AppKey("ctx", HttpContext)
-EVENT_LIMIT = web.AppKey("event_limit", RateLimiter)
+EVENT_LIMIT = web.AppKey("event_limit", TokenBucket)
 
 
 def _mac_or_400(text: str) -> str:
@@ -372,6 +373,7 @@ async def node_event(request: web.Request) -> web.Response:
     if not _STAGE.match(stage):
         raise web.HTTPBadRequest(text=f"bootd: bad stage {stage[:40]!r}\n")
     node, mac = found
+    message = _TOKEN_LIKE.sub("<token>", message)  # a node's own report may echo its token
     ctx.metrics.node_events.labels(stage).inc()
     log.info(f"node {stage}", **_node_fields(node, mac), message=message,
              client=request.remote)
@@ -383,7 +385,7 @@ async def node_event(request: web.Request) -> web.Response:
 def boot_app(ctx: HttpContext) -> web.Application:
     app = web.Application(client_max_size=EVENT_MAX_BYTES * 4)
     app[CTX] = ctx
-    app[EVENT_LIMIT] = RateLimiter(EVENT_MIN_INTERVAL, 65536)
+    app[EVENT_LIMIT] = TokenBucket(EVENT_RATE, EVENT_BURST, 65536)
     app.router.add_get("/boot.ipxe", generic_script)
     app.router.add_get("/nodes/{mac}/boot.ipxe", node_script)
     app.router.add_get("/nodes/{mac}/grub.cfg", grub_config)

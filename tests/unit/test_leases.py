@@ -210,3 +210,14 @@ def test_store_refuses_newer_schema(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open"):
         (tmp_path / "file").write_text("x")
         Store(tmp_path / "file" / "db.sqlite3")
+
+
+def test_token_bucket() -> None:
+    from bootd.ratelimit import TokenBucket
+
+    bucket = TokenBucket(rate=2.0, burst=3.0, size=2)
+    assert [bucket.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.allow("a", 0.5)  # one token back after 0.5 s at 2/s
+    assert not bucket.allow("a", 0.5)
+    assert bucket.allow("b", 0.0) and bucket.allow("c", 0.0)
+    assert bucket.allow("a", 0.5)  # "a" was forgotten (size 2): a fresh bucket

@@ -13,7 +13,7 @@ report() {
         curl -fsS -m 5 -H 'Content-Type: application/json' -d "$body" \
             "$BOOTD_URL/api/v1/events" >/dev/null 2>&1 || true
     elif command -v wget >/dev/null 2>&1; then
-        wget -q -T 5 -O /dev/null --header='Content-Type: application/json' \
+        timeout 10 wget -q -O /dev/null --header='Content-Type: application/json' \
             --post-data="$body" "$BOOTD_URL/api/v1/events" || true
     fi
 }
