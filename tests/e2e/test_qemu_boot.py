@@ -3,8 +3,8 @@
 SeaBIOS runs QEMU's iPXE ROM (it sends user class iPXE), bootd answers with its script,
 iPXE fetches kernel and initrd over HTTP, the test image's initramfs takes DHCP again,
 fetches and checks the rootfs, mounts it under an overlay and runs the node's join.sh,
-whose kubeadm is a test double that reports its arguments. UEFI (OVMF) and GRUB paths are
-not covered here yet.
+whose kubeadm is a test double that reports its arguments. UEFI: OVMF's own PXE fetches
+snponly.efi over TFTP and that iPXE continues the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER = "10.251.0.1"
 TOKEN = "abcdef.0123456789abcdef"
 CA_HASH = "sha256:" + "d" * 64
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +87,26 @@ pools:
             time.sleep(0.1)
         self.vms: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
-    def start_vm(self, mac: str) -> None:
+    def start_vm(self, mac: str, *, uefi: bool = False) -> None:
+        """BIOS: SeaBIOS runs QEMU's iPXE ROM. UEFI: OVMF's own PXE (no option ROM)
+        fetches snponly.efi over TFTP, and that iPXE comes back for the script."""
         tap = f"tap{len(self.vms)}"
         self.lab._ip("-n", self.ns, "tuntap", "add", tap, "mode", "tap")
         self.lab.attach(self.ns, tap, "br0")
         self.lab._ip("-n", self.ns, "link", "set", tap, "up")
         console = self.tmp / f"console-{mac.replace(':', '')}.log"
+        firmware: list[str] = []
+        nic = f"virtio-net-pci,netdev=n0,mac={mac}"
+        if uefi:
+            variables = self.tmp / f"vars-{tap}.fd"
+            shutil.copy(OVMF_VARS, variables)
+            firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                        "-drive", f"if=pflash,format=raw,file={variables}"]
+            nic += ",romfile="
         proc = self.lab.spawn(self.ns, [
             "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
-            "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-boot", "n"],
+            *firmware, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+            "-device", nic, "-boot", "n"],
             stdout=console.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.vms[mac] = (proc, console)
 
@@ -156,6 +168,21 @@ def test_bios_ipxe_reserved_node_joins(vmlab: VmLab) -> None:
     assert "--node-labels=node.kubernetes.io/pool=workers,nvidia.com/gpu=true" in kubeadm
     assert "--register-with-taints=nvidia.com/gpu=present:NoSchedule" in kubeadm
     assert TOKEN not in vmlab.log.read_text()  # never in bootd's log
+
+
+def test_uefi_native_pxe_snponly_then_ipxe_joins(vmlab: VmLab) -> None:
+    if not OVMF_CODE.exists() or not Path("/usr/lib/ipxe/snponly.efi").exists():
+        pytest.skip("needs ovmf and ipxe (scripts/install-deps installs them)")
+    vmlab.start_vm("52:54:00:12:34:02", uefi=True)
+    vmlab.wait_joined("52:54:00:12:34:02", timeout=300)
+    detail = vmlab.status("vm2")
+    assert detail["stage"] == "joined"
+    seen = [(s["stage"], s["detail"]) for s in steps(detail)]
+    firmware = [d.get("firmware") for stage, d in seen  # type: ignore[union-attr]
+                if stage == "dhcp-discover"]
+    assert firmware[:2] == ["efi64", "ipxe"], firmware
+    tftp = [d for stage, d in seen if stage == "tftp"]
+    assert tftp and tftp[0]["file"] == "snponly.efi"  # type: ignore[index]
 
 
 def test_unknown_mac_boots_through_the_catch_all_pool(vmlab: VmLab) -> None:
