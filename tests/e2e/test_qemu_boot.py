@@ -4,7 +4,8 @@ SeaBIOS runs QEMU's iPXE ROM (it sends user class iPXE), bootd answers with its 
 iPXE fetches kernel and initrd over HTTP, the test image's initramfs takes DHCP again,
 fetches and checks the rootfs, mounts it under an overlay and runs the node's join.sh,
 whose kubeadm is a test double that reports its arguments. UEFI: OVMF's own PXE fetches
-snponly.efi over TFTP and that iPXE continues the same way.
+snponly.efi over TFTP and that iPXE continues the same way; or OVMF loads GRUB over TFTP,
+which reads bootd's per-client grub.cfg and fetches kernel and initrd over HTTP.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ pools:
     nodes:
       - {{name: vm1, mac: "52:54:00:12:34:01", ip: 10.251.0.11, tags: [gpu]}}
       - {{name: vm2, mac: "52:54:00:12:34:02", ip: 10.251.0.12}}
+      - {{name: vm3, mac: "52:54:00:12:34:03", ip: 10.251.0.13,
+          boot: {{efi64: grub/x86_64-efi/core.efi}}}}
   - name: any
     dynamic: {{range: 10.251.0.100-10.251.0.120, name: "node-{{mac}}"}}
 """)
@@ -183,6 +186,27 @@ def test_uefi_native_pxe_snponly_then_ipxe_joins(vmlab: VmLab) -> None:
     assert firmware[:2] == ["efi64", "ipxe"], firmware
     tftp = [d for stage, d in seen if stage == "tftp"]
     assert tftp and tftp[0]["file"] == "snponly.efi"  # type: ignore[index]
+
+
+def test_uefi_grub_over_tftp_then_http_joins(vmlab: VmLab) -> None:
+    """OVMF PXE -> GRUB's core.efi over TFTP -> bootd's per-client grub.cfg -> kernel and
+    initrd over GRUB's HTTP -> joined. No GRUB config file exists on disk."""
+    mknetdir = shutil.which("grub-mknetdir")
+    if not OVMF_CODE.exists() or mknetdir is None or not Path(
+            "/usr/lib/grub/x86_64-efi").exists():
+        pytest.skip("needs ovmf and grub-efi-amd64-bin (scripts/install-deps installs them)")
+    subprocess.run([mknetdir, f"--net-directory={vmlab.tmp}", "--subdir=grub",
+                    "-d", "/usr/lib/grub/x86_64-efi"], check=True, capture_output=True)
+    vmlab.start_vm("52:54:00:12:34:03", uefi=True)
+    vmlab.wait_joined("52:54:00:12:34:03", timeout=300)
+    detail = vmlab.status("vm3")
+    assert detail["stage"] == "joined"
+    files = [str(s["detail"]["file"]) for s in steps(detail)  # type: ignore[index]
+             if s["stage"] == "tftp"]
+    assert files[0] == "grub/x86_64-efi/core.efi"
+    # GRUB asks with a leading "/" (root-relative, as bootd reads it)
+    assert any(f.lstrip("/").startswith("grub/grub.cfg") for f in files), files
+    assert not list(vmlab.tmp.glob("grub/grub.cfg*"))
 
 
 def test_unknown_mac_boots_through_the_catch_all_pool(vmlab: VmLab) -> None:
