@@ -72,9 +72,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from bootd.lab import run_lab
+    from bootd.lab import run_lab, run_vm_lab
 
-    return run_lab()
+    if args.dhcp_only:
+        return run_lab()
+    try:
+        return run_vm_lab(args.vms, args.uefi)
+    except KeyboardInterrupt:
+        print("\nbootd lab: interrupted; namespaces and VMs removed", file=sys.stderr)
+        return 130
 
 
 def _api_path(args: argparse.Namespace) -> str:
@@ -327,7 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("lab", help="demo: bootd on a throw-away namespace network (root)")
+    p = sub.add_parser("lab", help="demo: VMs PXE boot from bootd on a throw-away network "
+                       "(root)")
+    p.add_argument("--vms", type=int, default=2, help="how many VMs (default 2)")
+    p.add_argument("--uefi", action="store_true", help="OVMF UEFI instead of BIOS")
+    p.add_argument("--dhcp-only", action="store_true",
+                   help="no VMs: DHCP clients speaking like firmware, iPXE and Linux")
     p.set_defaults(func=cmd_lab)
     return parser
 

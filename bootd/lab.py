@@ -1,9 +1,10 @@
 """`bootd lab`: bootd doing its job on a throw-away network, with nothing prepared.
 
-Today it shows the DHCP stage of a boot: a namespace with a bridge, bootd on it with a
-generated config, and real DHCP clients (busybox udhcpc) that speak like BIOS PXE, UEFI
-PXE, iPXE, a booted Linux and an unknown machine, each with what bootd told it. The QEMU
-VMs that boot all the way arrive with the TFTP/HTTP issues.
+By default it builds (or reuses) the test image, starts bootd on a namespace bridge with a
+generated config and PXE boots QEMU VMs with empty disks (BIOS + iPXE, or `--uefi` with
+OVMF) until they have joined, showing `bootd status` as they go. `--dhcp-only` instead
+plays the DHCP stage with real udhcpc clients speaking like BIOS PXE, UEFI PXE, iPXE, a
+booted Linux and an unknown machine. Everything is removed afterwards, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -56,7 +57,77 @@ pools:
 """
 
 
+VM_CONFIG = """\
+server: {{interfaces: [br0], address: {server}, state_dir: {tmp}/state,
+         api: {tmp}/state/api.sock, drain_timeout: 2s}}
+network: {{subnet: 10.250.0.0/24, gateway: {server}, dns: [{server}], domain: lab.bootd}}
+tftp: {{root: {tmp}}}
+images:
+  test: {{kernel: {image}/vmlinuz, initrd: {image}/initrd.img,
+          rootfs: {image}/rootfs.squashfs, cmdline: "console=ttyS0 panic=-1"}}
+clusters:
+  lab: {{api_server: "https://10.250.0.10:6443", ca_cert_hash: "sha256:{zeros}",
+         token: {{value: abcdef.0123456789abcdef}}}}
+defaults: {{image: test, cluster: lab}}
+tags:
+  gpu: {{labels: {{nvidia.com/gpu: "true"}}, taints: ["nvidia.com/gpu=present:NoSchedule"]}}
+pools:
+  - name: workers
+    nodes:
+      - {{name: worker-1, mac: "52:54:00:b0:07:01", ip: 10.250.0.11, tags: [gpu]}}
+  - name: catch-all
+    dynamic: {{range: 10.250.0.100-10.250.0.149, name: "node-{{mac}}"}}
+"""
+
+
+def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
+               timeout: float = 400) -> int:
+    """Boot `vms` QEMU VMs from bootd; the first is a reserved node, the rest unknown."""
+    from bootd.vmlab import VmLab, build_test_image, missing_for_vms
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)  # type: ignore[call-overload]
+
+    if (why := missing_for_vms(uefi)) is not None:
+        say(f"bootd lab: {why}; `bootd lab --dhcp-only` needs only udhcpc")
+        return 2
+    say("lab: building or reusing the test image (Debian cloud kernel, busybox initramfs)")
+    image = build_test_image()
+    tty = hasattr(out, "isatty") and out.isatty()
+    with tempfile.TemporaryDirectory(prefix="bootd-lab-") as d, NetLab("bootdlab") as lab:
+        tmp = Path(d)
+        config = VM_CONFIG.format(server=SERVER_IP, tmp=tmp, image=image, zeros="0" * 64)
+        vmlab = VmLab(lab, tmp, config, f"{SERVER_IP}/24")
+        say(f"lab: bootd serving on br0 {SERVER_IP}/24 in namespace {vmlab.ns}")
+        macs = [f"52:54:00:b0:07:{i + 1:02x}" for i in range(vms)]
+        started = time.monotonic()
+        for mac in macs:
+            vmlab.start_vm(mac, uefi=uefi)
+        say(f"lab: {vms} {'UEFI' if uefi else 'BIOS'} VM(s) powered on with empty disks: "
+            + ", ".join(macs))
+        last_print = 0.0
+        while time.monotonic() - started < timeout:
+            done = {mac: vmlab.outcome(mac) for mac in macs}
+            finished = all(result is not None for result in done.values())
+            now = time.monotonic()
+            if tty or finished or now - last_print > 15:
+                table = vmlab.status_text()
+                say(("\033[H\033[2J" if tty else "\n")
+                    + f"[{now - started:5.1f}s] bootd status\n" + table.rstrip())
+                last_print = now
+            if finished:
+                break
+            time.sleep(2)
+        results = {mac: vmlab.outcome(mac) or "timed out" for mac in macs}
+        say("")
+        for mac, result in results.items():
+            say(f"  VM {mac}: {result}")
+        say(f"lab: done in {time.monotonic() - started:.0f}s; removing namespaces and VMs")
+    return 0 if all(r == "joined" for r in results.values()) else 1
+
+
 def run_lab(out: object = sys.stdout) -> int:
+    """The DHCP stage only, with udhcpc clients (no QEMU needed)."""
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)  # type: ignore[call-overload]
 

@@ -11,17 +11,16 @@ which reads bootd's per-client grub.cfg and fetches kernel and initrd over HTTP.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bootd.netlab import NetLab, netns_available
+from bootd.netlab import NetLab
+from bootd.vmlab import OVMF_CODE, VmLab, build_test_image, missing_for_vms
 
 pytestmark = pytest.mark.netns
 
@@ -29,43 +28,26 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER = "10.251.0.1"
 TOKEN = "abcdef.0123456789abcdef"
 CA_HASH = "sha256:" + "d" * 64
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 @pytest.fixture(scope="module")
 def image() -> Path:
-    if (why := netns_available()) is not None:
+    if (why := missing_for_vms()) is not None:
         pytest.skip(why)
-    for tool in ("qemu-system-x86_64", "busybox", "mksquashfs", "cpio"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (scripts/install-deps installs it)")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("needs /dev/net/tun for the VM's tap device")
-    built = subprocess.run(["bash", str(ROOT / "images" / "build-test-image.sh")],
-                           capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, built.stderr
-    return Path(built.stdout.strip().splitlines()[-1])
+    return build_test_image()
 
 
-class VmLab:
-    def __init__(self, lab: NetLab, tmp: Path, image: Path) -> None:
-        self.lab, self.tmp = lab, tmp
-        self.ns = lab.namespace("vm")
-        lab.bridge(self.ns, "br0")
-        lab.address(self.ns, "br0", f"{SERVER}/24")
-        self.config = tmp / "bootd.yaml"
-        self.config.write_text(f"""\
-server: {{interfaces: [br0], address: {SERVER}, state_dir: {tmp}/state,
+CONFIG = """\
+server: {{interfaces: [br0], address: {server}, state_dir: {tmp}/state,
          api: {tmp}/state/api.sock, drain_timeout: 2s}}
-network: {{subnet: 10.251.0.0/24, gateway: {SERVER}, dns: [{SERVER}]}}
+network: {{subnet: 10.251.0.0/24, gateway: {server}, dns: [{server}]}}
 tftp: {{root: {tmp}}}
 images:
   test: {{kernel: {image}/vmlinuz, initrd: {image}/initrd.img,
           rootfs: {image}/rootfs.squashfs, cmdline: "console=ttyS0 panic=-1"}}
 clusters:
-  lab: {{api_server: "https://10.251.0.10:6443", ca_cert_hash: "{CA_HASH}",
-         token: {{value: {TOKEN}}}}}
+  lab: {{api_server: "https://10.251.0.10:6443", ca_cert_hash: "{ca_hash}",
+         token: {{value: {token}}}}}
 defaults: {{image: test, cluster: lab}}
 tags:
   gpu: {{labels: {{nvidia.com/gpu: "true"}}, taints: ["nvidia.com/gpu=present:NoSchedule"]}}
@@ -79,71 +61,15 @@ pools:
           boot: {{efi64: grub/x86_64-efi/core.efi}}}}
   - name: any
     dynamic: {{range: 10.251.0.100-10.251.0.120, name: "node-{{mac}}"}}
-""")
-        self.log = tmp / "bootd.log"
-        self.bootd = lab.spawn(self.ns, [sys.executable, "-m", "bootd", "serve", "-c",
-                                         str(self.config), "--log-format", "json"],
-                               stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
-        deadline = time.monotonic() + 20
-        while '"bootd serving"' not in self.log.read_text():
-            assert time.monotonic() < deadline and self.bootd.poll() is None, self.log.read_text()
-            time.sleep(0.1)
-        self.vms: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-
-    def start_vm(self, mac: str, *, uefi: bool = False) -> None:
-        """BIOS: SeaBIOS runs QEMU's iPXE ROM. UEFI: OVMF's own PXE (no option ROM)
-        fetches snponly.efi over TFTP, and that iPXE comes back for the script."""
-        tap = f"tap{len(self.vms)}"
-        self.lab._ip("-n", self.ns, "tuntap", "add", tap, "mode", "tap")
-        self.lab.attach(self.ns, tap, "br0")
-        self.lab._ip("-n", self.ns, "link", "set", tap, "up")
-        console = self.tmp / f"console-{mac.replace(':', '')}.log"
-        firmware: list[str] = []
-        nic = f"virtio-net-pci,netdev=n0,mac={mac}"
-        if uefi:
-            variables = self.tmp / f"vars-{tap}.fd"
-            shutil.copy(OVMF_VARS, variables)
-            firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-                        "-drive", f"if=pflash,format=raw,file={variables}"]
-            nic += ",romfile="
-        proc = self.lab.spawn(self.ns, [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
-            *firmware, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-            "-device", nic, "-boot", "n"],
-            stdout=console.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.vms[mac] = (proc, console)
-
-    def wait_joined(self, mac: str, timeout: float = 240) -> str:
-        proc, console = self.vms[mac]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = console.read_bytes().decode(errors="replace")
-            if "BOOTD-E2E: joined" in text:
-                return text
-            if "BOOTD-E2E: FAILED" in text or proc.poll() is not None:
-                break
-            time.sleep(1)
-        raise AssertionError(f"VM {mac} did not join. Console tail:\n"
-                             + console.read_bytes().decode(errors="replace")[-3000:]
-                             + "\n\nbootd status:\n" + self.status_text(mac))
-
-    def status(self, node: str | None = None) -> dict[str, object]:
-        args = [node] if node else []
-        out = subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
-                              *args, "-o", "json"], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        result: dict[str, object] = json.loads(out.stdout)
-        return result
-
-    def status_text(self, node: str) -> str:
-        return subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
-                               node], capture_output=True, text=True, timeout=60).stdout
+"""
 
 
 @pytest.fixture
 def vmlab(image: Path, tmp_path: Path) -> Iterator[VmLab]:
+    config = CONFIG.format(server=SERVER, tmp=tmp_path, image=image, ca_hash=CA_HASH,
+                           token=TOKEN)
     with NetLab("bde2e") as lab:
-        yield VmLab(lab, tmp_path, image)
+        yield VmLab(lab, tmp_path, config, f"{SERVER}/24")
 
 
 def steps(detail: dict[str, object]) -> list[dict[str, object]]:
@@ -227,3 +153,15 @@ def test_two_vms_boot_at_once(vmlab: VmLab) -> None:
     assert isinstance(nodes, list)
     stages = {n["node"]: n["stage"] for n in nodes}
     assert stages["vm1"] == "joined" and stages["vm2"] == "joined"
+
+
+def test_bootd_lab_boots_vms_to_joined(image: Path) -> None:
+    """The README's run command: two VMs from nothing to joined, then all cleaned up."""
+    proc = subprocess.run([sys.executable, "-m", "bootd", "lab", "--vms", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "VM 52:54:00:b0:07:01: joined" in proc.stdout
+    assert "VM 52:54:00:b0:07:02: joined" in proc.stdout
+    assert "worker-1" in proc.stdout and "node-52-54-00-b0-07-02" in proc.stdout
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    assert "bootdlab-" not in leftovers.stdout
