@@ -74,11 +74,9 @@ def start_bootd(lab: NetLab, ns: str, tmp: Path) -> subprocess.Popen[bytes]:
         f"server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {state}}}\n"
         f"network: {{subnet: 10.78.0.0/16, lease_time: 1h}}\n"
         f"pools:\n  - name: any\n    dynamic: {{range: {RANGE[0]}-{RANGE[1]}}}\n")
-    proc = lab.spawn(ns, [sys.executable, "-m", "bootd", "serve", "-c", str(config),
-                          "--log-format", "json"],
-                     stdout=subprocess.DEVNULL, stderr=(tmp / "bootd.log").open("wb"))
-    wait_for(tmp / "bootd.log", "bootd serving", proc)
-    return proc
+    log = tmp / "bootd.log"
+    log.unlink(missing_ok=True)
+    return lab.start_bootd(ns, config, log)
 
 
 def start_dnsmasq(lab: NetLab, ns: str, tmp: Path) -> subprocess.Popen[bytes]:

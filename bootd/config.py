@@ -640,4 +640,5 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
 
 def dhcp_option_bytes(options: Mapping[str, Any]) -> list[tuple[int, bytes]]:
     """Validated operator options -> (code, wire bytes), in the order written."""
-    return [(option_code(k), encode_option_value(option_code(k), v)) for k, v in options.items()]
+    codes = [(option_code(k), v) for k, v in options.items()]
+    return [(code, encode_option_value(code, v)) for code, v in codes]

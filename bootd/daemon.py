@@ -16,6 +16,7 @@ from aiohttp import web
 
 from bootd import events
 from bootd.config import Config, ConfigError, load_config
+from bootd.dhcp.bootfile import is_boot_client
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.packet import DhcpError, DhcpPacket, MessageType, decode
 from bootd.dhcp.server import DhcpContext, DhcpSettings, Outcome, Reply, decide
@@ -91,7 +92,7 @@ class DhcpService:
             event(events.REFUSED, "refused", reason="unknown MAC (DHCP)")
             return
         firmware = outcome.boot.firmware.value if outcome.boot is not None else (
-            "os" if request.client_arch is None and not request.is_ipxe else "unknown")
+            "unknown" if is_boot_client(request) else "os")
         if request.message_type is MessageType.DISCOVER and node is not None:
             event(events.DHCP_DISCOVER, firmware=firmware, vendor_class=request.vendor_class)
         if outcome.kind == "offer":

@@ -23,13 +23,19 @@ SECRET = "<token: served only to the node>"
 _NAMES = {int(o): o.name.lower().replace("_", "-") for o in Opt}
 
 
-def synthetic_discover(mac: str, arch: str, ipxe: bool) -> DhcpPacket:
+def firmware_identity(arch: str) -> tuple[bytes, bytes]:
+    """Option 93 and the vendor class a firmware of this kind sends (for explain/probe)."""
     code = ARCH_CODES[arch]
     client = "HTTPClient" if arch == "http" else "PXEClient"
+    return struct.pack("!H", code), f"{client}:Arch:{code:05d}:UNDI:003000".encode()
+
+
+def synthetic_discover(mac: str, arch: str, ipxe: bool) -> DhcpPacket:
+    client_arch, vendor_class = firmware_identity(arch)
     options: dict[int, bytes] = {
         Opt.MESSAGE_TYPE: bytes((MessageType.DISCOVER,)),
-        Opt.CLIENT_ARCH: struct.pack("!H", code),
-        Opt.VENDOR_CLASS: f"{client}:Arch:{code:05d}:UNDI:003000".encode(),
+        Opt.CLIENT_ARCH: client_arch,
+        Opt.VENDOR_CLASS: vendor_class,
     }
     if ipxe:
         options[Opt.USER_CLASS] = b"iPXE"

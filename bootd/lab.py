@@ -144,11 +144,10 @@ def run_lab(out: object = sys.stdout) -> int:
         lab.bridge(srv, "br0")
         lab.address(srv, "br0", f"{SERVER_IP}/24")
         log = tmp / "bootd.log"
-        proc = lab.spawn(srv, [sys.executable, "-m", "bootd", "serve", "-c", str(config),
-                               "--log-format", "json"],
-                         stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-        if not _wait_for(log, '"bootd serving"', proc):
-            say(f"bootd did not start:\n{log.read_text()}")
+        try:
+            proc = lab.start_bootd(srv, config, log)
+        except LabError as exc:
+            say(str(exc))
             return 1
         say(f"bootd: serving DHCP on br0 (pid {proc.pid})\n")
         say(f"{'client':16} {'MAC':18} {'address':13} {'hostname':24} boot file")
@@ -175,15 +174,6 @@ def run_lab(out: object = sys.stdout) -> int:
                 say("  " + line)
         say("\nlab: removed namespaces and processes")
         return 1 if failures else 0
-
-
-def _wait_for(log: Path, marker: str, proc: subprocess.Popen[bytes]) -> bool:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and marker in log.read_text():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _dhcp(lab: NetLab, srv: str, tmp: Path, i: int, client: DemoClient,

@@ -12,7 +12,10 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 
 from bootd.mac import normalize_mac
@@ -109,6 +112,23 @@ class NetLab:
                 raise LabError(f"cannot emulate loss: netem: {netem.stderr.strip()}; "
                                f"nft: {nft.stderr.strip()}")
         return "nftables"
+
+    def start_bootd(self, ns: str, config: Path, log: Path, *, extra: Sequence[str] = (),
+                    timeout: float = 20, **kwargs: object) -> subprocess.Popen[bytes]:
+        """`bootd serve` in `ns`, logging JSON to `log` (appended); returns once it logged
+        `bootd serving` (again, on a restart), or raises LabError with the log's tail."""
+        mark = '"bootd serving"'
+        before = log.read_text().count(mark) if log.exists() else 0
+        proc = self.spawn(ns, [sys.executable, "-m", "bootd", "serve", "-c", str(config),
+                               "--log-format", "json", *extra],
+                          stdout=subprocess.DEVNULL, stderr=log.open("ab"), **kwargs)
+        deadline = time.monotonic() + timeout
+        while log.read_text().count(mark) <= before:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log.read_text().splitlines()[-30:])
+                raise LabError(f"bootd did not start (exit {proc.poll()}):\n{tail}")
+            time.sleep(0.05)
+        return proc
 
     # -- running
 

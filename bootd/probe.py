@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bootd.dhcp.packet import DhcpError, decode
-from bootd.explain import ARCH_CODES, option_text
+from bootd.explain import firmware_identity, option_text
 from bootd.mac import mac_to_bytes, normalize_mac
 
 PRL = [1, 3, 6, 12, 15, 28, 42, 43, 60, 66, 67, 93, 175]
@@ -36,11 +36,10 @@ class Step:
 
 def _dhcp_options(kind: str, arch: str, ipxe: bool, extra: list[tuple[str, Any]],
                   ) -> list[Any]:
-    code = ARCH_CODES[arch]
-    client = "HTTPClient" if arch == "http" else "PXEClient"
+    client_arch, vendor_class = firmware_identity(arch)
     options: list[Any] = [("message-type", kind), ("param_req_list", PRL),
-                          ("vendor_class_id", f"{client}:Arch:{code:05d}:UNDI:003000".encode()),
-                          ("pxe_client_architecture", code.to_bytes(2, "big"))]
+                          ("vendor_class_id", vendor_class),
+                          ("pxe_client_architecture", client_arch)]
     if ipxe:
         options.append(("user_class", b"iPXE"))
     return [*options, *extra, "end"]

@@ -23,7 +23,7 @@ def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
     """The same answer as GET /api/v1/status, read-only from the state database, and the
     recorder holding the histories (for one node's timeline)."""
     path = config.server.state_dir / "bootd.sqlite3"
-    store = Store.open_read_only(path)
+    store = Store(path, read_only=True)
     try:
         recorder = Recorder(store, stall_after=config.events.stall_after,
                             keep_attempts=config.events.keep_attempts)

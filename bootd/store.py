@@ -49,8 +49,17 @@ class StoreError(RuntimeError):
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """read_only: for `bootd status` while the daemon is down; never writes."""
         self.path = path
+        if read_only:
+            try:
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                           check_same_thread=False)
+                self._db.execute("SELECT 1 FROM events LIMIT 1")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read state database {path}: {exc}") from exc
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -136,19 +145,6 @@ class Store:
             out.append((BootEvent(ts, stage, node, mac, ip, pool, outcome,
                                   MappingProxyType(parsed)), attempt))
         return out
-
-    @classmethod
-    def open_read_only(cls, path: Path) -> Store:
-        """For `bootd status` when the daemon is not running: never writes."""
-        store = cls.__new__(cls)
-        store.path = path
-        try:
-            store._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                                        check_same_thread=False)
-            store._db.execute("SELECT 1 FROM events LIMIT 1")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read state database {path}: {exc}") from exc
-        return store
 
     def close(self) -> None:
         self._db.close()

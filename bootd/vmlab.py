@@ -60,14 +60,7 @@ class VmLab:
         self.config = tmp / "bootd.yaml"
         self.config.write_text(config)
         self.log = tmp / "bootd.log"
-        self.bootd = lab.spawn(self.ns, [sys.executable, "-m", "bootd", "serve", "-c",
-                                         str(self.config), "--log-format", "json"],
-                               stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
-        deadline = time.monotonic() + 20
-        while '"bootd serving"' not in self.log.read_text():
-            if time.monotonic() > deadline or self.bootd.poll() is not None:
-                raise RuntimeError(f"bootd did not start:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.1)
+        self.bootd = lab.start_bootd(self.ns, self.config, self.log)
         self.vms: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
     def start_vm(self, mac: str, *, uefi: bool = False) -> None:

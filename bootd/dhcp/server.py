@@ -82,6 +82,13 @@ class DhcpContext:
     leases: LeaseTable | None
     settings: DhcpSettings
 
+    def address_of(self, node: NodeProfile, mac: str, now: float) -> IPv4Address | None:
+        """The address this node holds through `mac`: its reservation or active lease."""
+        if node.ip is not None:
+            return node.ip
+        lease = self.leases.lookup(mac) if self.leases is not None else None
+        return lease.ip if lease is not None and lease.active(now) else None
+
     def node_for_ip(self, ip: IPv4Address, now: float) -> tuple[NodeProfile, str] | None:
         """The node (and the MAC it booted from) that holds `ip`: reservation or lease."""
         node = self.inventory.by_ip(ip)

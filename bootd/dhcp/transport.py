@@ -59,7 +59,6 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
         self.handler = handler
         self.transport: asyncio.DatagramTransport | None = None
         self.arp_works = True
-        self.send_errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -78,7 +77,6 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
         try:
             self.transport.sendto(encode(reply.packet, reply.max_size), (str(dest), reply.port))
         except OSError as exc:
-            self.send_errors += 1
             log.warning("dhcp send failed", interface=self.interface, dest=str(dest),
                         error=str(exc))
 

@@ -273,35 +273,28 @@ async def boot_file(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/octet-stream")
 
 
-def _requesting_node(ctx: HttpContext, request: web.Request, mac: str,
-                     ) -> tuple[NodeProfile | None, str | None]:
-    """The node behind `mac` if the request comes from its own address, else a reason."""
-    node = ctx.dhcp.inventory.resolve(mac)
+def _refusal(ctx: HttpContext, request: web.Request, node: NodeProfile | None,
+             mac: str) -> str | None:
+    """Why this request may not have the node's secrets, or None if it comes from the
+    node's own address."""
     if node is None:
-        return None, "unknown MAC"
+        return "unknown MAC"
     client = ctx.client_ip(request)
-    if client is None:
-        return None, "no client address"
-    own: IPv4Address | None
-    if node.ip is not None:
-        own = node.ip
-    else:
-        lease = ctx.dhcp.leases.lookup(mac) if ctx.dhcp.leases is not None else None
-        own = lease.ip if lease is not None and lease.active(time.time()) else None
-    if own != client:
-        return None, f"request from {client}, node address is {own or 'not leased'}"
-    return node, None
+    own = ctx.dhcp.address_of(node, mac, time.time())
+    if client is None or own != client:
+        return f"request from {client}, node address is {own or 'not leased'}"
+    return None
 
 
 def _secret_material(ctx: HttpContext, request: web.Request, mac: str, what: str,
                      ) -> tuple[NodeProfile, ClusterConfig | None, str | None]:
     """Node, cluster and token for a secret-bearing document, or 403/503."""
-    node, refused = _requesting_node(ctx, request, mac)
-    if node is None:
+    node = ctx.dhcp.inventory.resolve(mac)
+    refused = _refusal(ctx, request, node, mac)
+    if refused is not None or node is None:
         ctx.metrics.http_refusals.labels(what).inc()
         log.warning(f"http {what} refused", mac=mac, client=request.remote, reason=refused)
-        ctx.event(events.REFUSED, ctx.dhcp.inventory.resolve(mac), mac, request, "refused",
-                  reason=f"{what}: {refused}")
+        ctx.event(events.REFUSED, node, mac, request, "refused", reason=f"{what}: {refused}")
         raise web.HTTPForbidden(text=f"bootd: {what} is served only to its node\n")
     cluster = ctx.config.clusters.get(node.cluster) if node.cluster else None
     token = None

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -44,22 +43,10 @@ class Bootd:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
-    def start(self, timeout: float = 15) -> None:
+    def start(self) -> None:
         self.starts += 1
-        mark = '"bootd serving"'
-        before = self.log.read_text().count(mark) if self.log.exists() else 0
-        self.proc = self.lab.spawn(
-            self.ns, [sys.executable, "-m", "bootd", "serve", "-c", str(self.config),
-                      "--log-format", "json", "--log-level", "debug"],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log.exists() and self.log.read_text().count(mark) > before:
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bootd exited {self.proc.returncode}:\n{self.tail()}")
-            time.sleep(0.05)
-        raise AssertionError(f"bootd did not start within {timeout}s:\n{self.tail()}")
+        self.proc = self.lab.start_bootd(self.ns, self.config, self.log,
+                                         extra=["--log-level", "debug"])
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
