@@ -48,6 +48,8 @@ cat > /etc/default/kubelet <<'BOOTD_KUBELET'
 KUBELET_EXTRA_ARGS='--node-labels=nvidia.com/gpu=true,topology.kubernetes.io/zone=rack1 --register-with-taints=nvidia.com/gpu=present:NoSchedule,edge=true:PreferNoSchedule'
 BOOTD_KUBELET
 
+command -v kubeadm >/dev/null 2>&1 \
+    || fail "kubeadm is not installed in this image (images/build-production-image.sh --kubernetes-repo)"
 report kubeadm "joining https://10.0.0.10:6443"
 kubeadm join 10.0.0.10:6443 \
     --token abcdef.0123456789abcdef \
