@@ -63,7 +63,7 @@ class VmLab:
         self.bootd = lab.start_bootd(self.ns, self.config, self.log)
         self.vms: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
-    def start_vm(self, mac: str, *, uefi: bool = False) -> None:
+    def start_vm(self, mac: str, *, uefi: bool = False, memory_mib: int = 512) -> None:
         tap = f"tap{len(self.vms)}"
         self.lab.tap(self.ns, tap, "br0")
         console = self.tmp / f"console-{mac.replace(':', '')}.log"
@@ -76,7 +76,8 @@ class VmLab:
                         "-drive", f"if=pflash,format=raw,file={variables}"]
             nic += ",romfile="
         proc = self.lab.spawn(self.ns, [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
+            "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-nographic",
+            "-no-reboot",
             *firmware, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
             "-device", nic, "-boot", "n"],
             stdout=console.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -106,6 +107,24 @@ class VmLab:
         raise AssertionError(f"VM {mac} did not join. Console tail:\n"
                              + self.console(mac)[-3000:]
                              + "\n\nbootd status:\n" + self.status_text(mac))
+
+    def wait_finished(self, mac: str, node: str, timeout: float = 300) -> dict[str, object]:
+        """For images that print no test markers (the production image): poll `bootd
+        status` until the node is joined or failed; its status detail is returned."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                detail = self.status(node)
+            except RuntimeError:  # no events for the node yet
+                detail = {}
+            if detail.get("stage") in ("joined", "failed"):
+                return detail
+            if self.vms[mac][0].poll() is not None:
+                break
+            time.sleep(2)
+        raise AssertionError(f"VM {mac} ({node}) neither joined nor failed. Console tail:\n"
+                             + self.console(mac)[-3000:]
+                             + "\n\nbootd status:\n" + self.status_text(node))
 
     def status(self, node: str | None = None) -> dict[str, object]:
         out = subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
