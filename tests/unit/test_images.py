@@ -69,6 +69,15 @@ def test_join_unit_waits_for_network_and_containerd_but_not_for_kubelet() -> Non
     assert "Wants=network-online.target" in text and "kubelet" not in text
 
 
+def test_a_failed_join_is_retried_a_bounded_number_of_times() -> None:
+    text = (UNITS / "bootd-join.service").read_text()
+    for line in ("Restart=on-failure", "RestartSec=30s", "StartLimitBurst=5",
+                 "StartLimitIntervalSec=15min"):
+        assert line in text
+    helper = (PRODUCTION / "rootfs" / "usr" / "lib" / "bootd" / "join").read_text()
+    assert "kubeadm reset -f" in helper  # a half-done join would fail preflight otherwise
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--kubernetes-repo", "https://pkgs.k8s.io/core:/stable:/v1.31/deb/"],
      "--kubernetes-repo needs --kubernetes-key FILE"),
