@@ -77,7 +77,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.dhcp_only:
         return run_lab()
     try:
-        return run_vm_lab(args.vms, args.uefi)
+        return run_vm_lab(args.vms, args.uefi, image=args.image)
     except KeyboardInterrupt:
         print("\nbootd lab: interrupted; namespaces and VMs removed", file=sys.stderr)
         return 130
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(root)")
     p.add_argument("--vms", type=int, default=2, help="how many VMs (default 2)")
     p.add_argument("--uefi", action="store_true", help="OVMF UEFI instead of BIOS")
+    p.add_argument("--image", type=Path, metavar="DIR",
+                   help="boot this image (from images/build-production-image.sh) instead "
+                   "of the test image")
     p.add_argument("--dhcp-only", action="store_true",
                    help="no VMs: DHCP clients speaking like firmware, iPXE and Linux")
     p.set_defaults(func=cmd_lab)

@@ -9,6 +9,7 @@ booted Linux and an unknown machine. Everything is removed afterwards, also on C
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,8 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from bootd.netlab import LabError, NetLab, netns_available
 
@@ -64,7 +67,7 @@ network: {{subnet: 10.250.0.0/24, gateway: {server}, dns: [{server}], domain: la
 tftp: {{root: {tmp}}}
 images:
   test: {{kernel: {image}/vmlinuz, initrd: {image}/initrd.img,
-          rootfs: {image}/rootfs.squashfs, cmdline: "console=ttyS0 panic=-1"}}
+          rootfs: {image}/rootfs.squashfs, cmdline: {cmdline}}}
 clusters:
   lab: {{api_server: "https://10.250.0.10:6443", ca_cert_hash: "sha256:{zeros}",
          token: {{value: abcdef.0123456789abcdef}}}}
@@ -80,9 +83,29 @@ pools:
 """
 
 
+IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.squashfs")
+
+
+def image_cmdline(image: Path) -> str:
+    """The kernel command line for an image of images/build-production-image.sh: the one
+    in its bootd-image.yaml, with the serial console the lab reads."""
+    cmdline = "boot=bootd"
+    snippet = image / "bootd-image.yaml"
+    if snippet.exists():
+        data = yaml.safe_load(snippet.read_text())
+        for entry in (data or {}).get("images", {}).values():
+            cmdline = str(entry.get("cmdline", cmdline))
+            break
+    if "console=ttyS0" not in cmdline:
+        cmdline += " console=ttyS0"
+    return cmdline
+
+
 def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
-               timeout: float = 400) -> int:
-    """Boot `vms` QEMU VMs from bootd; the first is a reserved node, the rest unknown."""
+               timeout: float = 400, image: Path | None = None) -> int:
+    """Boot `vms` QEMU VMs from bootd; the first is a reserved node, the rest unknown.
+    `image`: a directory from images/build-production-image.sh (or any with vmlinuz,
+    initrd.img and rootfs.squashfs) instead of the test image."""
     from bootd.vmlab import VmLab, build_test_image, missing_for_vms
 
     def say(text: str = "") -> None:
@@ -91,23 +114,34 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
     if (why := missing_for_vms(uefi)) is not None:
         say(f"bootd lab: {why}; `bootd lab --dhcp-only` needs only udhcpc")
         return 2
-    say("lab: building or reusing the test image (Debian cloud kernel, busybox initramfs)")
-    image = build_test_image()
+    if image is None:
+        say("lab: building or reusing the test image (Debian cloud kernel, busybox initramfs)")
+        image, cmdline, memory = build_test_image(), "console=ttyS0 panic=-1", 512
+    else:
+        missing = [f for f in IMAGE_FILES if not (image / f).is_file()]
+        if missing:
+            say(f"bootd lab: {image} has no {', '.join(missing)} "
+                "(images/build-production-image.sh makes them)")
+            return 2
+        image, cmdline, memory = image.resolve(), image_cmdline(image), 1536
+        say(f"lab: booting the image in {image} ({cmdline}); the lab has no Kubernetes "
+            "control plane, so a real kubeadm gets as far as its join attempt")
     tty = hasattr(out, "isatty") and out.isatty()
     with tempfile.TemporaryDirectory(prefix="bootd-lab-") as d, NetLab("bootdlab") as lab:
         tmp = Path(d)
-        config = VM_CONFIG.format(server=SERVER_IP, tmp=tmp, image=image, zeros="0" * 64)
+        config = VM_CONFIG.format(server=SERVER_IP, tmp=tmp, image=image, zeros="0" * 64,
+                                  cmdline=json.dumps(cmdline))
         vmlab = VmLab(lab, tmp, config, f"{SERVER_IP}/24")
         say(f"lab: bootd serving on br0 {SERVER_IP}/24 in namespace {vmlab.ns}")
         macs = [f"52:54:00:b0:07:{i + 1:02x}" for i in range(vms)]
         started = time.monotonic()
         for mac in macs:
-            vmlab.start_vm(mac, uefi=uefi)
+            vmlab.start_vm(mac, uefi=uefi, memory_mib=memory)
         say(f"lab: {vms} {'UEFI' if uefi else 'BIOS'} VM(s) powered on with empty disks: "
             + ", ".join(macs))
         last_print = 0.0
         while time.monotonic() - started < timeout:
-            done = {mac: vmlab.outcome(mac) for mac in macs}
+            done = vmlab.outcomes()
             finished = all(result is not None for result in done.values())
             now = time.monotonic()
             if tty or finished or now - last_print > 15:
@@ -118,10 +152,17 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
             if finished:
                 break
             time.sleep(2)
-        results = {mac: vmlab.outcome(mac) or "timed out" for mac in macs}
+        results = {mac: result or "timed out" for mac, result in vmlab.outcomes().items()}
         say("")
+        try:
+            nodes = vmlab.status()["nodes"]
+        except RuntimeError:
+            nodes = []
+        assert isinstance(nodes, list)
+        errors = {str(n["mac"]): n.get("last_error") for n in nodes}
         for mac, result in results.items():
-            say(f"  VM {mac}: {result}")
+            why = f" ({errors[mac]})" if result == "failed" and errors.get(mac) else ""
+            say(f"  VM {mac}: {result}{why}")
         say(f"lab: done in {time.monotonic() - started:.0f}s; removing namespaces and VMs")
     return 0 if all(r == "joined" for r in results.values()) else 1
 

@@ -86,14 +86,30 @@ class VmLab:
     def console(self, mac: str) -> str:
         return self.vms[mac][1].read_bytes().decode(errors="replace")
 
-    def outcome(self, mac: str) -> str | None:
-        """joined | failed | None (still booting)."""
+    def outcome(self, mac: str, stage: str | None = None) -> str | None:
+        """joined | failed | None (still booting): the test image's console markers, else
+        the node's `stage` in bootd status if given (images without markers), else a VM
+        that ended."""
         text = self.console(mac)
         if JOINED_MARK in text:
             return "joined"
-        if FAILED_MARK in text or self.vms[mac][0].poll() is not None:
+        if FAILED_MARK in text:
+            return "failed"
+        if stage in ("joined", "failed"):
+            return stage
+        if self.vms[mac][0].poll() is not None:
             return "failed"
         return None
+
+    def outcomes(self) -> dict[str, str | None]:
+        """outcome() of every VM, with one `bootd status` for all of them."""
+        try:
+            nodes = self.status()["nodes"]
+        except RuntimeError:  # no events yet
+            nodes = []
+        assert isinstance(nodes, list)
+        stages = {str(n["mac"]): str(n["stage"]) for n in nodes}
+        return {mac: self.outcome(mac, stages.get(mac)) for mac in self.vms}
 
     def wait_joined(self, mac: str, timeout: float = 240) -> str:
         deadline = time.monotonic() + timeout

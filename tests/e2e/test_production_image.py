@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,3 +218,13 @@ def test_image_without_kubernetes_repo_says_kubeadm_is_missing(booted: Booted,
     listing = subprocess.run(["unsquashfs", "-l", str(images["plain"] / "rootfs.squashfs")],
                              capture_output=True, text=True, check=True).stdout
     assert "/etc/ssh/ssh_host_" not in listing and "/boot/vmlinuz" not in listing
+
+
+def test_bootd_lab_boots_a_production_image(images: dict[str, Path]) -> None:
+    """`bootd lab --image DIR`: an operator's own image in the lab VMs before the fleet."""
+    proc = subprocess.run([sys.executable, "-m", "bootd", "lab", "--vms", "1",
+                           "--image", str(images["kubernetes"])],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "boot=bootd panic=30 console=tty0 console=ttyS0,115200n8" in proc.stdout
+    assert "VM 52:54:00:b0:07:01: joined" in proc.stdout

@@ -218,3 +218,32 @@ def test_boot_script_overlay_size_from_the_command_line(tmp_path: Path) -> None:
     log = run_boot_script(tmp_path, f"{BASE} bootd.overlay_size=2g")
     assert "mount -t tmpfs -o mode=0755,size=2g bootd-rw /run/bootd/rw" in log
     assert log[-1] == "mountroot returned"  # no sha256 given: nothing to compare
+
+
+# --- `bootd lab --image DIR` ----------------------------------------------------------
+
+def test_lab_takes_the_cmdline_from_the_built_image(tmp_path: Path) -> None:
+    from bootd.lab import image_cmdline
+
+    assert image_cmdline(tmp_path) == "boot=bootd console=ttyS0"  # nothing to go by
+    (tmp_path / "bootd-image.yaml").write_text(
+        'images:\n  debian: {kernel: k, initrd: i, rootfs: r,\n'
+        '           cmdline: "boot=bootd panic=30 console=ttyS0,115200n8"}\n')
+    assert image_cmdline(tmp_path) == "boot=bootd panic=30 console=ttyS0,115200n8"
+    (tmp_path / "bootd-image.yaml").write_text(
+        'images:\n  debian: {kernel: k, initrd: i, cmdline: "boot=bootd quiet"}\n')
+    assert image_cmdline(tmp_path) == "boot=bootd quiet console=ttyS0"  # the lab reads it
+
+
+def test_lab_refuses_an_image_directory_without_the_image(tmp_path: Path) -> None:
+    import io
+
+    from bootd.lab import run_vm_lab
+    from bootd.vmlab import missing_for_vms
+
+    if missing_for_vms() is not None:
+        pytest.skip("the lab checks its own prerequisites first")
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    out = io.StringIO()
+    assert run_vm_lab(1, image=tmp_path, out=out) == 2
+    assert f"{tmp_path} has no initrd.img, rootfs.squashfs" in out.getvalue()
