@@ -3,7 +3,8 @@
 Two images are built with mmdebstrap from Debian's packages (cloud kernel, to keep them
 small): one plain, as this machine kind builds it without the Kubernetes repository, and
 one with --kubernetes-repo pointed at a fake signed repository on loopback whose kubeadm
-is the test double (tests/e2e/fake_kubernetes_repo.py). Both boot in QEMU through iPXE:
+is the test double (tests/e2e/fake_kubernetes_repo.py). Both boot in QEMU through iPXE (the
+first from SeaBIOS, the second from OVMF's native PXE and snponly.efi):
 initramfs-tools' `boot=bootd` script fetches and checks the squashfs, systemd starts
 containerd, networkd, sshd and bootd-join.service, which runs the node's join.sh. Then
 the test logs in over SSH with the key bootd's config gave the node.
@@ -53,7 +54,7 @@ def _build(out: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if (why := missing_for_vms()) is not None:
+    if (why := missing_for_vms(uefi=True)) is not None:
         pytest.skip(why)
     for tool in ("mmdebstrap", "apt-ftparchive", "gpg", "dpkg-deb", "ssh", "ssh-keygen",
                  "unsquashfs"):
@@ -133,8 +134,9 @@ def booted(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     with NetLab("bdprod") as lab:
         vmlab = VmLab(lab, tmp, config, f"{SERVER}/24")
         booted = Booted(vmlab, key)
-        for mac in (K8S_MAC, PLAIN_MAC):
-            vmlab.start_vm(mac, memory_mib=1024)
+        vmlab.start_vm(K8S_MAC, memory_mib=1024)  # BIOS: SeaBIOS + QEMU's iPXE ROM
+        # UEFI: OVMF's own PXE -> snponly.efi over TFTP -> iPXE -> the EFI stub kernel
+        vmlab.start_vm(PLAIN_MAC, uefi=True, memory_mib=1024)
         booted.detail["prod1"] = vmlab.wait_finished(K8S_MAC, "prod1", timeout=600)
         booted.detail["prod2"] = vmlab.wait_finished(PLAIN_MAC, "prod2", timeout=600)
         yield booted
@@ -209,6 +211,9 @@ def test_image_without_kubernetes_repo_says_kubeadm_is_missing(booted: Booted,
     plainly why it cannot join."""
     detail = booted.detail["prod2"]
     assert detail["stage"] == "failed"
+    firmware = [s["detail"].get("firmware") for s in _steps(detail)  # type: ignore[attr-defined]
+                if s["stage"] == "dhcp-discover"]
+    assert firmware[:2] == ["efi64", "ipxe"], firmware  # booted through UEFI
     assert "kubeadm is not installed in this image" in str(detail["last_error"])
     assert "rootfs-mounted" in [s["stage"] for s in _steps(detail)]
     packages = (images["plain"] / "packages.txt").read_text().split("\n")
