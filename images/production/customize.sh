@@ -24,7 +24,13 @@ if [ -n "${BOOTD_K8S_REPO:-}" ]; then
   fi
   install -m 0644 "$BOOTD_K8S_KEY" "$root$key"
   echo "deb [signed-by=$key] ${BOOTD_K8S_REPO%/}/ /" > "$root/etc/apt/sources.list.d/kubernetes.list"
-  in_root apt-get update -q
+  # systemd-resolved's postinst made /etc/resolv.conf a link to its stub, which does not run
+  # in the chroot: use the host's resolver for this step (the link is put back below).
+  rm -f "$root/etc/resolv.conf"
+  cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+  # Only the new source: Debian's lists are still there from mmdebstrap's own update.
+  in_root apt-get update -q -o Dir::Etc::sourcelist=sources.list.d/kubernetes.list \
+    -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0
   DEBIAN_FRONTEND=noninteractive in_root apt-get install -y -q --no-install-recommends \
     kubelet kubeadm kubectl
   in_root apt-mark hold kubelet kubeadm kubectl
