@@ -74,10 +74,12 @@ class NetLab:
         self._ip("-n", ns, "link", "add", name, "type", "bridge")
         self._ip("-n", ns, "link", "set", name, "up")
 
-    def tap(self, ns: str, name: str, bridge: str) -> None:
-        """A tap device for a VM, plugged into `bridge`."""
+    def tap(self, ns: str, name: str, bridge: str | None) -> None:
+        """A tap device for a VM, plugged into `bridge` (None: a port with a link and
+        nothing behind it)."""
         self._ip("-n", ns, "tuntap", "add", name, "mode", "tap")
-        self.attach(ns, name, bridge)
+        if bridge is not None:
+            self.attach(ns, name, bridge)
         self._ip("-n", ns, "link", "set", name, "up")
 
     def attach(self, ns: str, interface: str, bridge: str) -> None:

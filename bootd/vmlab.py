@@ -63,7 +63,10 @@ class VmLab:
         self.bootd = lab.start_bootd(self.ns, self.config, self.log)
         self.vms: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
-    def start_vm(self, mac: str, *, uefi: bool = False, memory_mib: int = 512) -> None:
+    def start_vm(self, mac: str, *, uefi: bool = False, memory_mib: int = 512,
+                 dead_nic: bool = False) -> None:
+        """`dead_nic`: a second NIC with a link but no DHCP server behind it, as an
+        uncabled-to-anything-useful server port (BIOS only: OVMF would try to PXE from it)."""
         tap = f"tap{len(self.vms)}"
         self.lab.tap(self.ns, tap, "br0")
         console = self.tmp / f"console-{mac.replace(':', '')}.log"
@@ -79,9 +82,17 @@ class VmLab:
             "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-nographic",
             "-no-reboot",
             *firmware, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-            "-device", nic, "-boot", "n"],
+            "-device", nic, *self._dead_nic(tap, mac, dead_nic), "-boot", "n"],
             stdout=console.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.vms[mac] = (proc, console)
+
+    def _dead_nic(self, tap: str, mac: str, wanted: bool) -> list[str]:
+        if not wanted:
+            return []
+        self.lab.tap(self.ns, f"{tap}x", None)
+        second = mac[:-2] + f"{int(mac[-2:], 16) ^ 0x80:02x}"
+        return ["-netdev", f"tap,id=n1,ifname={tap}x,script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=n1,mac={second},romfile="]
 
     def console(self, mac: str) -> str:
         return self.vms[mac][1].read_bytes().decode(errors="replace")

@@ -134,7 +134,8 @@ def booted(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     with NetLab("bdprod") as lab:
         vmlab = VmLab(lab, tmp, config, f"{SERVER}/24")
         booted = Booted(vmlab, key)
-        vmlab.start_vm(K8S_MAC, memory_mib=1024)  # BIOS: SeaBIOS + QEMU's iPXE ROM
+        # BIOS: SeaBIOS + QEMU's iPXE ROM; a second port with no DHCP behind it
+        vmlab.start_vm(K8S_MAC, memory_mib=1024, dead_nic=True)
         # UEFI: OVMF's own PXE -> snponly.efi over TFTP -> iPXE -> the EFI stub kernel
         vmlab.start_vm(PLAIN_MAC, uefi=True, memory_mib=1024)
         booted.detail["prod1"] = vmlab.wait_finished(K8S_MAC, "prod1", timeout=600)
@@ -185,13 +186,20 @@ def test_node_runs_from_ram_with_its_services(booted: Booted) -> None:
                      "findmnt -n -o FSTYPE /var/lib/kubelet; "
                      "systemctl is-active containerd ssh systemd-networkd bootd-join kubelet; "
                      "grep -c SystemdCgroup.=.true /etc/containerd/config.toml; "
-                     "dpkg-query -W -f '${Status}\\n' kubeadm")
+                     "dpkg-query -W -f '${Status}\\n' kubeadm; "
+                     "systemctl show -p Result --value systemd-networkd-wait-online; "
+                     "ls /sys/class/net | grep -c '^en'; "
+                     "/lib/systemd/systemd-networkd-wait-online --timeout=5 >/dev/null 2>&1;"
+                     " echo $?")
     lines = out.split()
     assert lines[0] == "prod1"  # join.sh named the node
     assert lines[1:4] == ["overlay", "tmpfs", "tmpfs"]
     assert lines[4:9] == ["active"] * 5
     assert lines[9] == "1"
-    assert " ".join(lines[10:]) == "hold ok installed"
+    assert " ".join(lines[10:13]) == "hold ok installed"
+    # two NICs, one with no DHCP behind it: online anyway, without waiting it out; waiting
+    # for every NIC (wait-online's default) would still be waiting
+    assert lines[13:16] == ["success", "2", "1"]
 
 
 def test_nodes_get_their_own_identity(booted: Booted) -> None:

@@ -49,7 +49,7 @@ def test_image_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None or shutil.which("ssh-keygen") is None:
         pytest.skip("needs systemd-analyze and ssh-keygen")
     units = []
-    for unit in sorted(UNITS.iterdir()):
+    for unit in sorted(p for p in UNITS.iterdir() if p.is_file()):
         text = unit.read_text().replace(  # the helper where this checkout has it
             "/usr/lib/bootd/join", str(PRODUCTION / "rootfs" / "usr" / "lib" / "bootd" / "join"))
         (tmp_path / unit.name).write_text(text)
@@ -67,6 +67,12 @@ def test_join_unit_waits_for_network_and_containerd_but_not_for_kubelet() -> Non
     text = (UNITS / "bootd-join.service").read_text()
     assert "After=network-online.target containerd.service" in text
     assert "Wants=network-online.target" in text and "kubelet" not in text
+
+
+def test_node_is_online_when_any_nic_is() -> None:
+    """An uncabled second port must not hold the join back until wait-online times out."""
+    text = (UNITS / "systemd-networkd-wait-online.service.d" / "bootd.conf").read_text()
+    assert "ExecStart=\nExecStart=/lib/systemd/systemd-networkd-wait-online --any" in text
 
 
 def test_a_failed_join_is_retried_a_bounded_number_of_times() -> None:
