@@ -152,13 +152,9 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
             if finished:
                 break
             time.sleep(2)
-        results = {mac: result or "timed out" for mac, result in vmlab.outcomes().items()}
+        nodes = vmlab.nodes()
+        results = {mac: r or "timed out" for mac, r in vmlab.outcomes(nodes).items()}
         say("")
-        try:
-            nodes = vmlab.status()["nodes"]
-        except RuntimeError:
-            nodes = []
-        assert isinstance(nodes, list)
         errors = {str(n["mac"]): n.get("last_error") for n in nodes}
         for mac, result in results.items():
             why = f" ({errors[mac]})" if result == "failed" and errors.get(mac) else ""

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from bootd.events import FINISHED
 from bootd.netlab import NetLab, netns_available
 
 SOURCE_TREE = Path(__file__).resolve().parents[1]
@@ -106,20 +107,17 @@ class VmLab:
             return "joined"
         if FAILED_MARK in text:
             return "failed"
-        if stage in ("joined", "failed"):
+        if stage in FINISHED:
             return stage
         if self.vms[mac][0].poll() is not None:
             return "failed"
         return None
 
-    def outcomes(self) -> dict[str, str | None]:
-        """outcome() of every VM, with one `bootd status` for all of them."""
-        try:
-            nodes = self.status()["nodes"]
-        except RuntimeError:  # no events yet
-            nodes = []
-        assert isinstance(nodes, list)
-        stages = {str(n["mac"]): str(n["stage"]) for n in nodes}
+    def outcomes(self, nodes: list[dict[str, object]] | None = None,
+                 ) -> dict[str, str | None]:
+        """outcome() of every VM, from one `bootd status` (`nodes`, else asked now)."""
+        stages = {str(n["mac"]): str(n["stage"])
+                  for n in (self.nodes() if nodes is None else nodes)}
         return {mac: self.outcome(mac, stages.get(mac)) for mac in self.vms}
 
     def wait_joined(self, mac: str, timeout: float = 240) -> str:
@@ -144,7 +142,7 @@ class VmLab:
                 detail = self.status(node)
             except RuntimeError:  # no events for the node yet
                 detail = {}
-            if detail.get("stage") in ("joined", "failed"):
+            if detail.get("stage") in FINISHED:
                 return detail
             if self.vms[mac][0].poll() is not None:
                 break
@@ -162,7 +160,24 @@ class VmLab:
         result: dict[str, object] = json.loads(out.stdout)
         return result
 
+    def nodes(self) -> list[dict[str, object]]:
+        """The rows of `bootd status -o json`; none before bootd has seen anything."""
+        try:
+            nodes = self.status()["nodes"]
+        except RuntimeError:  # no events yet
+            return []
+        assert isinstance(nodes, list)
+        return nodes
+
     def status_text(self, node: str | None = None) -> str:
         return subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
                                *([node] if node else [])], capture_output=True, text=True,
                               timeout=60, check=False).stdout
+
+
+def last_attempt_steps(detail: dict[str, object]) -> list[dict[str, object]]:
+    """The steps of a node's latest boot attempt, from `bootd status NODE -o json`."""
+    history = detail["history"]
+    assert isinstance(history, list)
+    steps: list[dict[str, object]] = history[-1]["steps"]
+    return steps

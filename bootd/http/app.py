@@ -395,7 +395,7 @@ def boot_app(ctx: HttpContext) -> web.Application:
 # ---------------------------------------------------------------------------- admin API
 
 
-def _node_json(ctx: HttpContext, node: NodeProfile) -> dict[str, object]:
+def _node_json(node: NodeProfile) -> dict[str, object]:
     return {
         "name": node.name, "pool": node.pool, "macs": list(node.macs),
         "ip": str(node.ip) if node.ip else None, "tags": list(node.tags),
@@ -423,13 +423,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 def _all_nodes(ctx: HttpContext) -> list[dict[str, object]]:
     """Configured nodes, then catch-all nodes holding an active lease."""
-    out = [_node_json(ctx, n) for n in ctx.dhcp.inventory.nodes]
+    out = [_node_json(n) for n in ctx.dhcp.inventory.nodes]
     if ctx.dhcp.leases is not None:
         now = time.time()
         for lease in ctx.dhcp.leases.leases():
             node = ctx.dhcp.inventory.resolve(lease.mac)
             if node is not None and lease.active(now):
-                out.append({**_node_json(ctx, node), "ip": str(lease.ip),
+                out.append({**_node_json(node), "ip": str(lease.ip),
                             "lease_expires": lease.expires})
     return out
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from bootd.netlab import NetLab
-from bootd.vmlab import VmLab, missing_for_vms
+from bootd.vmlab import VmLab, last_attempt_steps, missing_for_vms
 from tests.e2e import fake_kubernetes_repo
 
 pytestmark = pytest.mark.netns
@@ -143,16 +143,9 @@ def booted(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         yield booted
 
 
-def _steps(detail: dict[str, object]) -> list[dict[str, object]]:
-    history = detail["history"]
-    assert isinstance(history, list)
-    result: list[dict[str, object]] = history[-1]["steps"]
-    return result
-
-
 def _messages(detail: dict[str, object], stage: str) -> list[str]:
     return [str(s["detail"].get("message", ""))  # type: ignore[attr-defined]
-            for s in _steps(detail) if s["stage"] == stage]
+            for s in last_attempt_steps(detail) if s["stage"] == stage]
 
 
 def test_image_with_kubernetes_repo_boots_and_joins(booted: Booted,
@@ -160,7 +153,7 @@ def test_image_with_kubernetes_repo_boots_and_joins(booted: Booted,
     detail = booted.detail["prod1"]
     assert detail["stage"] == "joined", booted.vmlab.status_text("prod1")
     assert detail["ip"] == K8S_IP
-    seen = [s["stage"] for s in _steps(detail)]
+    seen = [s["stage"] for s in last_attempt_steps(detail)]
     for stage in ("ipxe-script", "kernel", "initrd", "kernel-handoff", "initramfs", "rootfs",
                   "rootfs-mounted", "join-script", "kubeadm", "joined"):
         assert stage in seen, (stage, seen)
@@ -219,11 +212,11 @@ def test_image_without_kubernetes_repo_says_kubeadm_is_missing(booted: Booted,
     plainly why it cannot join."""
     detail = booted.detail["prod2"]
     assert detail["stage"] == "failed"
-    firmware = [s["detail"].get("firmware") for s in _steps(detail)  # type: ignore[attr-defined]
-                if s["stage"] == "dhcp-discover"]
+    firmware = [s["detail"].get("firmware")  # type: ignore[attr-defined]
+                for s in last_attempt_steps(detail) if s["stage"] == "dhcp-discover"]
     assert firmware[:2] == ["efi64", "ipxe"], firmware  # booted through UEFI
     assert "kubeadm is not installed in this image" in str(detail["last_error"])
-    assert "rootfs-mounted" in [s["stage"] for s in _steps(detail)]
+    assert "rootfs-mounted" in [s["stage"] for s in last_attempt_steps(detail)]
     packages = (images["plain"] / "packages.txt").read_text().split("\n")
     names = {line.split(" ")[0] for line in packages if line}
     assert {"systemd", "openssh-server", "containerd", "busybox"} <= names

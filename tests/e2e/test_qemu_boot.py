@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bootd.netlab import NetLab
-from bootd.vmlab import OVMF_CODE, VmLab, build_test_image, missing_for_vms
+from bootd.vmlab import OVMF_CODE, VmLab, build_test_image, last_attempt_steps, missing_for_vms
 
 pytestmark = pytest.mark.netns
 
@@ -72,23 +72,16 @@ def vmlab(image: Path, tmp_path: Path) -> Iterator[VmLab]:
         yield VmLab(lab, tmp_path, config, f"{SERVER}/24")
 
 
-def steps(detail: dict[str, object]) -> list[dict[str, object]]:
-    history = detail["history"]
-    assert isinstance(history, list)
-    result: list[dict[str, object]] = history[-1]["steps"]
-    return result
-
-
 def test_bios_ipxe_reserved_node_joins(vmlab: VmLab) -> None:
     vmlab.start_vm("52:54:00:12:34:01")
     vmlab.wait_joined("52:54:00:12:34:01")
     detail = vmlab.status("vm1")
     assert detail["stage"] == "joined" and detail["ip"] == "10.251.0.11"
-    seen = [s["stage"] for s in steps(detail)]
+    seen = [s["stage"] for s in last_attempt_steps(detail)]
     for stage in ("dhcp-ack", "ipxe-script", "kernel", "initrd", "kernel-handoff", "rootfs",
                   "rootfs-mounted", "join-script", "kubeadm", "joined"):
         assert stage in seen, (stage, seen)
-    kubeadm = next(str(s["detail"]["message"]) for s in steps(detail)  # type: ignore[index]
+    kubeadm = next(str(s["detail"]["message"]) for s in last_attempt_steps(detail)  # type: ignore[index]
                    if s["stage"] == "kubeadm" and "--token" in str(s["detail"]))
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()[:16]
     assert f"--token token-sha256:{digest}" in kubeadm  # the node got its token
@@ -106,8 +99,8 @@ def test_uefi_native_pxe_snponly_then_ipxe_joins(vmlab: VmLab) -> None:
     vmlab.wait_joined("52:54:00:12:34:02", timeout=300)
     detail = vmlab.status("vm2")
     assert detail["stage"] == "joined"
-    seen = [(s["stage"], s["detail"]) for s in steps(detail)]
-    firmware = [d.get("firmware") for stage, d in seen  # type: ignore[union-attr]
+    seen = [(s["stage"], s["detail"]) for s in last_attempt_steps(detail)]
+    firmware = [d.get("firmware") for stage, d in seen  # type: ignore[attr-defined]
                 if stage == "dhcp-discover"]
     assert firmware[:2] == ["efi64", "ipxe"], firmware
     tftp = [d for stage, d in seen if stage == "tftp"]
@@ -127,7 +120,7 @@ def test_uefi_grub_over_tftp_then_http_joins(vmlab: VmLab) -> None:
     vmlab.wait_joined("52:54:00:12:34:03", timeout=300)
     detail = vmlab.status("vm3")
     assert detail["stage"] == "joined"
-    files = [str(s["detail"]["file"]) for s in steps(detail)  # type: ignore[index]
+    files = [str(s["detail"]["file"]) for s in last_attempt_steps(detail)  # type: ignore[index]
              if s["stage"] == "tftp"]
     assert files[0] == "grub/x86_64-efi/core.efi"
     # GRUB asks with a leading "/" (root-relative, as bootd reads it)
