@@ -28,7 +28,7 @@ from pathlib import Path
 # the project root instead of bench/, whose http.py would shadow the standard library
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bootd.netlab import NetLab, netns_available
+from bootd.lab.netlab import NetLab, netns_available
 
 SERVER_IP = "10.78.0.1"
 CLIENT_IP = "10.78.0.2"

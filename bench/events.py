@@ -22,9 +22,9 @@ from types import MappingProxyType
 # the project root instead of bench/, whose http.py would shadow the standard library
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bootd.events import BootEvent
-from bootd.recorder import Recorder
-from bootd.store import Store
+from bootd.state.events import BootEvent
+from bootd.state.recorder import Recorder
+from bootd.state.store import Store
 
 BOOT = [("dhcp-discover", 0.0), ("dhcp-offer", 0.01), ("dhcp-ack", 0.3), ("tftp", 1.0),
         ("dhcp-discover", 2.0), ("dhcp-ack", 2.2), ("ipxe-script", 2.5), ("kernel", 3.0),

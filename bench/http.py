@@ -25,10 +25,10 @@ from pathlib import Path
 # the project root instead of bench/, whose http.py would shadow the standard library
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bootd.config import parse_config
-from bootd.inventory import Inventory
-from bootd.netlab import NetLab, netns_available
-from bootd.render import ipxe_node
+from bootd.fleet.config import parse_config
+from bootd.fleet.inventory import Inventory
+from bootd.fleet.render import ipxe_node
+from bootd.lab.netlab import NetLab, netns_available
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 SERVER_IP = "10.80.0.1"

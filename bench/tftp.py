@@ -27,7 +27,7 @@ from pathlib import Path
 # the project root instead of bench/, whose http.py would shadow the standard library
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bootd.netlab import NetLab, netns_available
+from bootd.lab.netlab import NetLab, netns_available
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 SERVER_IP = "10.79.0.1"

@@ -1,3 +1,3 @@
-from bootd.cli import main
+from bootd.cli.main import main
 
 raise SystemExit(main())

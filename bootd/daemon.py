@@ -14,28 +14,28 @@ from types import MappingProxyType
 import structlog
 from aiohttp import web
 
-from bootd import events
-from bootd.config import Config, ConfigError, load_config
 from bootd.dhcp.bootfile import is_boot_client
-from bootd.dhcp.leases import LeaseTable
+from bootd.dhcp.decide import DhcpContext, DhcpSettings, Outcome, Reply, decide
 from bootd.dhcp.packet import DhcpError, DhcpPacket, MessageType, decode
-from bootd.dhcp.server import DhcpContext, DhcpSettings, Outcome, Reply, decide
 from bootd.dhcp.transport import open_endpoints
-from bootd.events import BootEvent
+from bootd.fleet.config import Config, ConfigError, load_config
+from bootd.fleet.filetree import FileResolver
+from bootd.fleet.grub import GrubConfigs
+from bootd.fleet.images import PARTS, ImageHashes, image_path, version_of
+from bootd.fleet.inventory import Inventory
+from bootd.fleet.render import base_url
+from bootd.fleet.tokens import providers
 from bootd.http.app import HttpContext, ReloadResult, admin_app, boot_app
-from bootd.images import PARTS, ImageHashes, image_path, version_of
-from bootd.inventory import Inventory
-from bootd.metrics import Metrics
-from bootd.ratelimit import RateLimiter
-from bootd.recorder import Recorder
-from bootd.render import base_url
-from bootd.sdnotify import Notifier
-from bootd.store import Store
-from bootd.tftp.dynamic import GrubConfigs
-from bootd.tftp.files import FileResolver
+from bootd.ops.metrics import Metrics
+from bootd.ops.ratelimit import RateLimiter
+from bootd.ops.sdnotify import Notifier
+from bootd.state import events
+from bootd.state.events import BootEvent
+from bootd.state.leases import LeaseTable
+from bootd.state.recorder import Recorder
+from bootd.state.store import Store
 from bootd.tftp.protocol import Limits
 from bootd.tftp.server import TftpServer, TransferRecord, start_tftp
-from bootd.tokens import providers
 
 log = structlog.get_logger("bootd")
 

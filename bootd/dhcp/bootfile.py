@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from bootd.dhcp.options import IPXE_NO_PXEDHCP, PXE_DISCOVERY_CONTROL, Opt
 from bootd.dhcp.packet import DhcpPacket, encode_sub_options
-from bootd.inventory import BootFiles
+from bootd.fleet.inventory import BootFiles
 
 
 class Firmware(StrEnum):

@@ -15,7 +15,7 @@ from enum import IntEnum
 from ipaddress import IPv4Address
 
 from bootd.dhcp.options import END, PAD, Opt
-from bootd.mac import mac_from_bytes
+from bootd.fleet.mac import mac_from_bytes
 
 MAGIC_COOKIE = b"\x63\x82\x53\x63"
 BOOTREQUEST = 1

@@ -15,8 +15,8 @@ from typing import cast
 
 import structlog
 
+from bootd.dhcp.decide import BROADCAST, Reply
 from bootd.dhcp.packet import encode
-from bootd.dhcp.server import BROADCAST, Reply
 
 log = structlog.get_logger("bootd.dhcp")
 

@@ -23,17 +23,14 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bootd import events
-from bootd.config import ClusterConfig, Config
-from bootd.dhcp.server import DhcpContext
-from bootd.events import BootEvent
-from bootd.images import PARTS, FileVersion, ImageHashes, image_path, version_of
-from bootd.inventory import NodeProfile
-from bootd.mac import mac_dashed, normalize_mac
-from bootd.metrics import Metrics
-from bootd.ratelimit import TokenBucket
-from bootd.recorder import Recorder
-from bootd.render import (
+from bootd.dhcp.decide import DhcpContext
+from bootd.fleet.config import ClusterConfig, Config
+from bootd.fleet.filetree import FileResolver
+from bootd.fleet.grub import GrubConfigs
+from bootd.fleet.images import PARTS, FileVersion, ImageHashes, image_path, version_of
+from bootd.fleet.inventory import NodeProfile
+from bootd.fleet.mac import mac_dashed, normalize_mac
+from bootd.fleet.render import (
     cloud_meta_data,
     cloud_network_config,
     cloud_user_data,
@@ -43,10 +40,13 @@ from bootd.render import (
     ipxe_node,
     join_script,
 )
-from bootd.tftp.dynamic import GrubConfigs
-from bootd.tftp.files import FileResolver
+from bootd.fleet.tokens import TokenProvider
+from bootd.ops.metrics import Metrics
+from bootd.ops.ratelimit import TokenBucket
+from bootd.state import events
+from bootd.state.events import BootEvent
+from bootd.state.recorder import Recorder
 from bootd.tftp.protocol import ErrorCode, TftpError
-from bootd.tokens import TokenProvider
 
 log = structlog.get_logger("bootd.http")
 

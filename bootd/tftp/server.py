@@ -17,7 +17,7 @@ from typing import cast
 
 import structlog
 
-from bootd.tftp.files import FileResolver, FileSource
+from bootd.fleet.filetree import FileResolver, FileSource
 from bootd.tftp.protocol import (
     ErrorCode,
     Event,

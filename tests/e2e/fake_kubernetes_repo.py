@@ -2,7 +2,7 @@
 without reaching pkgs.k8s.io (this machine kind has no route to it).
 
 Laid out like pkgs.k8s.io (a flat repository, `deb URL /`), signed with a throw-away key.
-Its kubeadm is images/test/kubeadm, the TEST DOUBLE that reports its arguments; kubelet
+Its kubeadm is bootd/lab/testimage/kubeadm, the TEST DOUBLE that reports its arguments; kubelet
 and kubectl are stubs that run nothing. Served on loopback while the image builds.
 """
 
@@ -64,7 +64,7 @@ def build(dest: Path) -> tuple[Path, Path]:
            "--passphrase", ""]
     subprocess.run([*gpg, "--quick-gen-key", "bootd test repository <tests@bootd.invalid>",
                     "ed25519", "sign", "1d"], check=True, capture_output=True)
-    kubeadm = (ROOT / "images" / "test" / "kubeadm").read_text()
+    kubeadm = (ROOT / "bootd" / "lab" / "testimage" / "kubeadm").read_text()
     _deb(work, repo, "kubeadm", {"usr/bin/kubeadm": (kubeadm, 0o755)})
     _deb(work, repo, "kubelet", {
         "usr/bin/kubelet": (STUB.format(name="kubelet"), 0o755),

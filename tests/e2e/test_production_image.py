@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from bootd.netlab import NetLab
-from bootd.vmlab import VmLab, last_attempt_steps, missing_for_vms
+from bootd.lab.netlab import NetLab
+from bootd.lab.vms import VmLab, missing_for_vms
 from tests.e2e import fake_kubernetes_repo
+from tests.e2e.vms import last_attempt_steps, wait_finished
 
 pytestmark = pytest.mark.netns
 
@@ -138,8 +139,8 @@ def booted(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         vmlab.start_vm(K8S_MAC, memory_mib=1024, dead_nic=True)
         # UEFI: OVMF's own PXE -> snponly.efi over TFTP -> iPXE -> the EFI stub kernel
         vmlab.start_vm(PLAIN_MAC, uefi=True, memory_mib=1024)
-        booted.detail["prod1"] = vmlab.wait_finished(K8S_MAC, "prod1", timeout=600)
-        booted.detail["prod2"] = vmlab.wait_finished(PLAIN_MAC, "prod2", timeout=600)
+        booted.detail["prod1"] = wait_finished(vmlab, K8S_MAC, "prod1", timeout=600)
+        booted.detail["prod2"] = wait_finished(vmlab, PLAIN_MAC, "prod2", timeout=600)
         yield booted
 
 

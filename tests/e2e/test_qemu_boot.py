@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from bootd.netlab import NetLab
-from bootd.vmlab import OVMF_CODE, VmLab, build_test_image, last_attempt_steps, missing_for_vms
+from bootd.lab.netlab import NetLab
+from bootd.lab.vms import OVMF_CODE, VmLab, build_test_image, missing_for_vms
+from tests.e2e.vms import last_attempt_steps, wait_joined
 
 pytestmark = pytest.mark.netns
 
@@ -74,7 +75,7 @@ def vmlab(image: Path, tmp_path: Path) -> Iterator[VmLab]:
 
 def test_bios_ipxe_reserved_node_joins(vmlab: VmLab) -> None:
     vmlab.start_vm("52:54:00:12:34:01")
-    vmlab.wait_joined("52:54:00:12:34:01")
+    wait_joined(vmlab, "52:54:00:12:34:01")
     detail = vmlab.status("vm1")
     assert detail["stage"] == "joined" and detail["ip"] == "10.251.0.11"
     seen = [s["stage"] for s in last_attempt_steps(detail)]
@@ -96,7 +97,7 @@ def test_uefi_native_pxe_snponly_then_ipxe_joins(vmlab: VmLab) -> None:
     if not OVMF_CODE.exists() or not Path("/usr/lib/ipxe/snponly.efi").exists():
         pytest.skip("needs ovmf and ipxe (scripts/install-deps installs them)")
     vmlab.start_vm("52:54:00:12:34:02", uefi=True)
-    vmlab.wait_joined("52:54:00:12:34:02", timeout=300)
+    wait_joined(vmlab, "52:54:00:12:34:02", timeout=300)
     detail = vmlab.status("vm2")
     assert detail["stage"] == "joined"
     seen = [(s["stage"], s["detail"]) for s in last_attempt_steps(detail)]
@@ -117,7 +118,7 @@ def test_uefi_grub_over_tftp_then_http_joins(vmlab: VmLab) -> None:
     subprocess.run([mknetdir, f"--net-directory={vmlab.tmp}", "--subdir=grub",
                     "-d", "/usr/lib/grub/x86_64-efi"], check=True, capture_output=True)
     vmlab.start_vm("52:54:00:12:34:03", uefi=True)
-    vmlab.wait_joined("52:54:00:12:34:03", timeout=300)
+    wait_joined(vmlab, "52:54:00:12:34:03", timeout=300)
     detail = vmlab.status("vm3")
     assert detail["stage"] == "joined"
     files = [str(s["detail"]["file"]) for s in last_attempt_steps(detail)  # type: ignore[index]
@@ -130,7 +131,7 @@ def test_uefi_grub_over_tftp_then_http_joins(vmlab: VmLab) -> None:
 
 def test_unknown_mac_boots_through_the_catch_all_pool(vmlab: VmLab) -> None:
     vmlab.start_vm("52:54:00:aa:bb:01")
-    vmlab.wait_joined("52:54:00:aa:bb:01")
+    wait_joined(vmlab, "52:54:00:aa:bb:01")
     detail = vmlab.status("node-52-54-00-aa-bb-01")
     assert detail["stage"] == "joined" and detail["pool"] == "any"
     ip = str(detail["ip"])
@@ -140,8 +141,8 @@ def test_unknown_mac_boots_through_the_catch_all_pool(vmlab: VmLab) -> None:
 def test_two_vms_boot_at_once(vmlab: VmLab) -> None:
     vmlab.start_vm("52:54:00:12:34:01")
     vmlab.start_vm("52:54:00:12:34:02")
-    vmlab.wait_joined("52:54:00:12:34:01", timeout=300)
-    vmlab.wait_joined("52:54:00:12:34:02", timeout=300)
+    wait_joined(vmlab, "52:54:00:12:34:01", timeout=300)
+    wait_joined(vmlab, "52:54:00:12:34:02", timeout=300)
     nodes = vmlab.status()["nodes"]
     assert isinstance(nodes, list)
     stages = {n["node"]: n["stage"] for n in nodes}

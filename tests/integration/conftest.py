@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.netlab import NetLab, netns_available
+from bootd.lab.netlab import NetLab, netns_available
 
 SERVER_IP = "10.77.0.1"
 SUBNET = "10.77.0.0/24"

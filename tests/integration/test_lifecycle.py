@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.netlab import NetLab
+from bootd.lab.netlab import NetLab
 from tests.integration.conftest import SERVER_IP, DhcpLab, require
 
 pytestmark = pytest.mark.netns

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.netlab import LabError
+from bootd.lab.netlab import LabError
 from tests.integration.conftest import SERVER_IP, DhcpLab, require
 
 pytestmark = pytest.mark.netns

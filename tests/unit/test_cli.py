@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.cli import main
+from bootd.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

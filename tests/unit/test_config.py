@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.config import (
+from bootd.fleet.config import (
     ConfigError,
     check_hostname,
     load_config,
@@ -16,7 +16,7 @@ from bootd.config import (
     parse_duration,
     render_dynamic_name,
 )
-from bootd.mac import mac_dashed, mac_from_bytes, mac_to_bytes, normalize_mac
+from bootd.fleet.mac import mac_dashed, mac_from_bytes, mac_to_bytes, normalize_mac
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bootd.config import parse_config
+from bootd.fleet.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "bootd.service"

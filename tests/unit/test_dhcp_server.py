@@ -8,8 +8,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from bootd.config import parse_config
-from bootd.dhcp.leases import LeaseState, LeaseTable
+from bootd.dhcp.decide import BROADCAST, DhcpContext, DhcpSettings, Outcome, decide
 from bootd.dhcp.options import Opt
 from bootd.dhcp.packet import (
     BOOTREPLY,
@@ -20,8 +19,9 @@ from bootd.dhcp.packet import (
     decode,
     encode,
 )
-from bootd.dhcp.server import BROADCAST, DhcpContext, DhcpSettings, Outcome, decide
-from bootd.inventory import Inventory
+from bootd.fleet.config import parse_config
+from bootd.fleet.inventory import Inventory
+from bootd.state.leases import LeaseState, LeaseTable
 
 CONFIG = textwrap.dedent("""\
     server: {interfaces: [br0], address: 10.0.0.1, http_port: 8080}

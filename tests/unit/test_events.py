@@ -7,10 +7,10 @@ import contextlib
 from pathlib import Path
 from types import MappingProxyType
 
-from bootd import events as ev
-from bootd.events import BootEvent, derive, split_attempts, starts_attempt
-from bootd.recorder import Recorder
-from bootd.store import Store
+from bootd.state import events as ev
+from bootd.state.events import BootEvent, derive, split_attempts, starts_attempt
+from bootd.state.recorder import Recorder
+from bootd.state.store import Store
 
 STALL = 600.0
 
@@ -128,7 +128,7 @@ def test_recorder_keeps_last_attempts_and_survives_restart(tmp_path: Path) -> No
 
 
 def test_recorder_bounds_events_per_attempt(monkeypatch: object) -> None:
-    import bootd.recorder as module
+    import bootd.state.recorder as module
 
     assert hasattr(monkeypatch, "setattr")
     monkeypatch.setattr(module, "MAX_EVENTS_PER_ATTEMPT", 5)
@@ -152,7 +152,7 @@ def test_failed_store_write_keeps_events_for_next_flush(tmp_path: Path) -> None:
 
 
 def test_recorder_metrics() -> None:
-    from bootd.metrics import Metrics
+    from bootd.ops.metrics import Metrics
 
     metrics = Metrics()
     rec = Recorder(None, stall_after=STALL, keep_attempts=2, metrics=metrics, clock=lambda: 25.0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bootd.cli import main
-from bootd.config import load_config
-from bootd.explain import explain
+from bootd.cli.explain import explain
+from bootd.cli.main import main
+from bootd.fleet.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,16 +14,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bootd.config import parse_config
-from bootd.dhcp.leases import LeaseTable
-from bootd.dhcp.server import DhcpContext, DhcpSettings
+from bootd.dhcp.decide import DhcpContext, DhcpSettings
+from bootd.fleet.config import parse_config
+from bootd.fleet.filetree import FileResolver
+from bootd.fleet.grub import GrubConfigs
+from bootd.fleet.images import ImageHashes
+from bootd.fleet.inventory import Inventory
+from bootd.fleet.tokens import providers
 from bootd.http.app import HttpContext, admin_app, boot_app
-from bootd.images import ImageHashes
-from bootd.inventory import Inventory
-from bootd.metrics import Metrics
-from bootd.tftp.dynamic import GrubConfigs
-from bootd.tftp.files import FileResolver
-from bootd.tokens import providers
+from bootd.ops.metrics import Metrics
+from bootd.state.leases import LeaseTable
 
 TOKEN = "abcdef.0123456789abcdef"
 HASH = "sha256:" + "a" * 64
@@ -365,7 +365,7 @@ async def test_admin_reload_route(tree: Path) -> None:
 
 
 async def test_tokens_echoed_by_nodes_are_scrubbed(tree: Path) -> None:
-    from bootd.recorder import Recorder
+    from bootd.state.recorder import Recorder
 
     ctx = context(tree)
     ctx.recorder = Recorder(None, stall_after=600, keep_attempts=2)

@@ -19,20 +19,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 PRODUCTION = IMAGES / "production"
+TEST_IMAGE = ROOT / "bootd" / "lab" / "testimage"
 BOOT_SCRIPT = PRODUCTION / "initramfs" / "etc" / "initramfs-tools" / "scripts" / "bootd"
 UNITS = PRODUCTION / "rootfs" / "etc" / "systemd" / "system"
 BUILD = IMAGES / "build-production-image.sh"
 
 SHELL_SCRIPTS = [
-    (IMAGES / "build-test-image.sh", "bash"),
+    (TEST_IMAGE / "build.sh", "bash"),
     (BUILD, "bash"),
     (PRODUCTION / "customize.sh", "bash"),
     (PRODUCTION / "rootfs" / "usr" / "lib" / "bootd" / "join", "sh"),
     (PRODUCTION / "initramfs" / "etc" / "initramfs-tools" / "hooks" / "bootd", "sh"),
     (BOOT_SCRIPT, "sh"),
-    (IMAGES / "test" / "init", "sh"),
-    (IMAGES / "test" / "kubeadm", "sh"),
-    (IMAGES / "test" / "udhcpc.script", "sh"),
+    (TEST_IMAGE / "init", "sh"),
+    (TEST_IMAGE / "kubeadm", "sh"),
+    (TEST_IMAGE / "udhcpc.script", "sh"),
 ]
 
 
@@ -229,7 +230,7 @@ def test_boot_script_overlay_size_from_the_command_line(tmp_path: Path) -> None:
 # --- `bootd lab --image DIR` ----------------------------------------------------------
 
 def test_lab_takes_the_cmdline_from_the_built_image(tmp_path: Path) -> None:
-    from bootd.lab import image_cmdline
+    from bootd.lab.demo import image_cmdline
 
     assert image_cmdline(tmp_path) == "boot=bootd console=ttyS0"  # nothing to go by
     (tmp_path / "bootd-image.yaml").write_text(
@@ -244,8 +245,8 @@ def test_lab_takes_the_cmdline_from_the_built_image(tmp_path: Path) -> None:
 def test_lab_refuses_an_image_directory_without_the_image(tmp_path: Path) -> None:
     import io
 
-    from bootd.lab import run_vm_lab
-    from bootd.vmlab import missing_for_vms
+    from bootd.lab.demo import run_vm_lab
+    from bootd.lab.vms import missing_for_vms
 
     if missing_for_vms() is not None:
         pytest.skip("the lab checks its own prerequisites first")

@@ -6,8 +6,8 @@ import textwrap
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from bootd.config import load_config, parse_config
-from bootd.inventory import Inventory
+from bootd.fleet.config import load_config, parse_config
+from bootd.fleet.inventory import Inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,7 +119,7 @@ def test_reserved_ips_and_reverse_lookup() -> None:
 
 
 def test_catch_all_profiles_cached_within_bound(monkeypatch: object) -> None:
-    import bootd.inventory as module
+    import bootd.fleet.inventory as module
 
     assert hasattr(monkeypatch, "setattr")
     monkeypatch.setattr(module, "DYNAMIC_CACHE_SIZE", 2)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from bootd.dhcp.leases import Lease, LeaseDeleted, LeaseState, LeaseTable
-from bootd.store import Store
+from bootd.state.leases import Lease, LeaseDeleted, LeaseState, LeaseTable
+from bootd.state.store import Store
 
 A, B, C = "02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c"
 
@@ -200,7 +200,7 @@ def test_store_skips_unreadable_rows(tmp_path: Path) -> None:
 def test_store_refuses_newer_schema(tmp_path: Path) -> None:
     import pytest
 
-    from bootd.store import StoreError
+    from bootd.state.store import StoreError
 
     store = Store(tmp_path / "s.sqlite3")
     store._db.execute("PRAGMA user_version=99")
@@ -213,7 +213,7 @@ def test_store_refuses_newer_schema(tmp_path: Path) -> None:
 
 
 def test_token_bucket() -> None:
-    from bootd.ratelimit import TokenBucket
+    from bootd.ops.ratelimit import TokenBucket
 
     bucket = TokenBucket(rate=2.0, burst=3.0, size=2)
     assert [bucket.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]

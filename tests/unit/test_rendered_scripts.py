@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bootd.config import load_config
-from bootd.inventory import Inventory
-from bootd.render import (
+from bootd.fleet.config import load_config
+from bootd.fleet.inventory import Inventory
+from bootd.fleet.render import (
     cloud_meta_data,
     cloud_network_config,
     cloud_user_data,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bootd.config import load_config
 from bootd.daemon import Runtime
-from bootd.metrics import Metrics
-from bootd.store import Store
+from bootd.fleet.config import load_config
+from bootd.ops.metrics import Metrics
+from bootd.state.store import Store
 
 BASE = """\
 server: {{interfaces: [lo], address: 10.0.0.1, state_dir: {state}, http_port: {port}}}

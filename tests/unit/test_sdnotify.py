@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from bootd.sdnotify import Notifier
+from bootd.ops.sdnotify import Notifier
 
 
 def listener(path: str) -> socket.socket:

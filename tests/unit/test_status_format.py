@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bootd.status import GREEN, RED, RESET, ago, duration, table, timeline
+from bootd.cli.status import GREEN, RED, RESET, ago, duration, table, timeline
 
 
 def row(node: str, stage: str, *, stalled: bool = False, pool: str = "w",

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bootd.config import parse_config
-from bootd.dhcp.leases import LeaseTable
-from bootd.dhcp.server import DhcpContext, DhcpSettings
-from bootd.inventory import Inventory
-from bootd.tftp.dynamic import GrubConfigs
-from bootd.tftp.files import FileResolver, normalize_name
+from bootd.dhcp.decide import DhcpContext, DhcpSettings
+from bootd.fleet.config import parse_config
+from bootd.fleet.filetree import FileResolver, normalize_name
+from bootd.fleet.grub import GrubConfigs
+from bootd.fleet.inventory import Inventory
+from bootd.state.leases import LeaseTable
 from bootd.tftp.protocol import ErrorCode, TftpError
 
 CLIENT = IPv4Address("10.0.0.5")

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from bootd.config import TokenConfig
-from bootd.tokens import TokenProvider
+from bootd.fleet.config import TokenConfig
+from bootd.fleet.tokens import TokenProvider
 
 
 def test_value_token() -> None:

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 from types import MappingProxyType
 from typing import TypeVar
 
-from bootd.config import (
+from bootd.fleet.config import (
     BootConfig,
     Config,
     DynamicConfig,

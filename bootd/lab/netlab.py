@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from bootd.mac import normalize_mac
+from bootd.fleet.mac import normalize_mac
 
 
 class LabError(RuntimeError):

@@ -12,9 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from bootd.config import Config
 from bootd.dhcp.bootfile import BootAnswer, Unsupported, boot_answer
-from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.options import Opt
 from bootd.dhcp.packet import (
     BOOTREPLY,
@@ -25,7 +23,9 @@ from bootd.dhcp.packet import (
     DhcpPacket,
     MessageType,
 )
-from bootd.inventory import Inventory, NodeProfile
+from bootd.fleet.config import Config
+from bootd.fleet.inventory import Inventory, NodeProfile
+from bootd.state.leases import LeaseTable
 
 BROADCAST = IPv4Address("255.255.255.255")
 SERVER_PORT = 67

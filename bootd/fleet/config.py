@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from bootd.dhcp.options import OptionValue, encode_option_value, option_code
-from bootd.mac import mac_dashed, normalize_mac
+from bootd.fleet.mac import mac_dashed, normalize_mac
 
 DEFAULT_CONFIG_PATH = Path("/etc/bootd/bootd.yaml")
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address
 
-from bootd.config import Config
-from bootd.dhcp.leases import LeaseTable
+from bootd.dhcp.decide import DhcpContext, DhcpSettings, decide
 from bootd.dhcp.options import Opt
 from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
-from bootd.dhcp.server import DhcpContext, DhcpSettings, decide
-from bootd.inventory import Inventory, NodeProfile
-from bootd.mac import mac_to_bytes
-from bootd.render import base_url, ipxe_node, join_script, kernel_cmdline
+from bootd.fleet.config import Config
+from bootd.fleet.inventory import Inventory, NodeProfile
+from bootd.fleet.mac import mac_to_bytes
+from bootd.fleet.render import base_url, ipxe_node, join_script, kernel_cmdline
+from bootd.state.leases import LeaseTable
 
 ARCH_CODES = {"bios": 0, "efi32": 6, "efi64": 7, "arm64": 11, "http": 16}
 SECRET = "<token: served only to the node>"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from bootd.netlab import LabError, NetLab, netns_available
+from bootd.lab.netlab import LabError, NetLab, netns_available
 
 SERVER_IP = "10.250.0.1"
 
@@ -106,7 +106,7 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
     """Boot `vms` QEMU VMs from bootd; the first is a reserved node, the rest unknown.
     `image`: a directory from images/build-production-image.sh (or any with vmlinuz,
     initrd.img and rootfs.squashfs) instead of the test image."""
-    from bootd.vmlab import VmLab, build_test_image, missing_for_vms
+    from bootd.lab.vms import VmLab, build_test_image, missing_for_vms
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)  # type: ignore[call-overload]

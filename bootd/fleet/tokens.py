@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bootd.config import ClusterConfig, TokenConfig
+from bootd.fleet.config import ClusterConfig, TokenConfig
 
 log = structlog.get_logger("bootd.tokens")
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bootd.cli.explain import firmware_identity, option_text
 from bootd.dhcp.packet import DhcpError, decode
-from bootd.explain import firmware_identity, option_text
-from bootd.mac import mac_to_bytes, normalize_mac
+from bootd.fleet.mac import mac_to_bytes, normalize_mac
 
 PRL = [1, 3, 6, 12, 15, 28, 42, 43, 60, 66, 67, 93, 175]
 

@@ -1,28 +1,27 @@
 """QEMU virtual machines PXE booting from a bootd on a throw-away namespace network.
 
-Used by `bootd lab` and by the end-to-end tests. BIOS VMs run SeaBIOS with QEMU's iPXE
+Used by `bootd lab` and by the end-to-end tests (whose waits and console checks live in
+tests/e2e/vms.py). BIOS VMs run SeaBIOS with QEMU's iPXE
 ROM; UEFI VMs run OVMF's own PXE (no option ROM). Everything lives in namespaces the lab
 made and is removed with it; VMs are ended by PID.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bootd.events import FINISHED
-from bootd.netlab import NetLab, netns_available
+from bootd.lab.netlab import NetLab, netns_available
+from bootd.state.events import FINISHED
 
-SOURCE_TREE = Path(__file__).resolve().parents[1]
-IMAGE_SCRIPT = SOURCE_TREE / "images" / "build-test-image.sh"
+# The recipe ships as package data, so `bootd lab` works from an installed wheel.
+IMAGE_RECIPE = importlib.resources.files("bootd.lab") / "testimage" / "build.sh"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-JOINED_MARK = "BOOTD-E2E: joined"
-FAILED_MARK = "BOOTD-E2E: FAILED"
 
 
 def missing_for_vms(uefi: bool = False) -> str | None:
@@ -34,8 +33,8 @@ def missing_for_vms(uefi: bool = False) -> str | None:
             return f"needs {tool} (scripts/install-deps installs it)"
     if not Path("/dev/net/tun").exists():
         return "needs /dev/net/tun for the VMs' tap devices"
-    if not IMAGE_SCRIPT.exists():
-        return f"needs the source tree's {IMAGE_SCRIPT.relative_to(SOURCE_TREE)}"
+    if not IMAGE_RECIPE.is_file():
+        return f"the installed package lacks its test image recipe ({IMAGE_RECIPE})"
     if uefi and not OVMF_CODE.exists():
         return "needs ovmf for UEFI VMs"
     return None
@@ -43,8 +42,9 @@ def missing_for_vms(uefi: bool = False) -> str | None:
 
 def build_test_image() -> Path:
     """The cached test image directory (built from Debian packages on first use)."""
-    built = subprocess.run(["bash", str(IMAGE_SCRIPT)], capture_output=True, text=True,
-                           timeout=900, check=False)
+    with importlib.resources.as_file(IMAGE_RECIPE) as recipe:
+        built = subprocess.run(["bash", str(recipe)], capture_output=True, text=True,
+                               timeout=900, check=False)
     if built.returncode != 0:
         raise RuntimeError(f"building the test image failed: {built.stderr.strip()}")
     return Path(built.stdout.strip().splitlines()[-1])
@@ -98,15 +98,9 @@ class VmLab:
     def console(self, mac: str) -> str:
         return self.vms[mac][1].read_bytes().decode(errors="replace")
 
-    def outcome(self, mac: str, stage: str | None = None) -> str | None:
-        """joined | failed | None (still booting): the test image's console markers, else
-        the node's `stage` in bootd status if given (images without markers), else a VM
-        that ended."""
-        text = self.console(mac)
-        if JOINED_MARK in text:
-            return "joined"
-        if FAILED_MARK in text:
-            return "failed"
+    def outcome(self, mac: str, stage: str | None) -> str | None:
+        """joined | failed | None (still booting): the node's `stage` in bootd status,
+        else "failed" for a VM that ended before it finished."""
         if stage in FINISHED:
             return stage
         if self.vms[mac][0].poll() is not None:
@@ -119,37 +113,6 @@ class VmLab:
         stages = {str(n["mac"]): str(n["stage"])
                   for n in (self.nodes() if nodes is None else nodes)}
         return {mac: self.outcome(mac, stages.get(mac)) for mac in self.vms}
-
-    def wait_joined(self, mac: str, timeout: float = 240) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = self.outcome(mac)
-            if result == "joined":
-                return self.console(mac)
-            if result == "failed":
-                break
-            time.sleep(1)
-        raise AssertionError(f"VM {mac} did not join. Console tail:\n"
-                             + self.console(mac)[-3000:]
-                             + "\n\nbootd status:\n" + self.status_text(mac))
-
-    def wait_finished(self, mac: str, node: str, timeout: float = 300) -> dict[str, object]:
-        """For images that print no test markers (the production image): poll `bootd
-        status` until the node is joined or failed; its status detail is returned."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                detail = self.status(node)
-            except RuntimeError:  # no events for the node yet
-                detail = {}
-            if detail.get("stage") in FINISHED:
-                return detail
-            if self.vms[mac][0].poll() is not None:
-                break
-            time.sleep(2)
-        raise AssertionError(f"VM {mac} ({node}) neither joined nor failed. Console tail:\n"
-                             + self.console(mac)[-3000:]
-                             + "\n\nbootd status:\n" + self.status_text(node))
 
     def status(self, node: str | None = None) -> dict[str, object]:
         out = subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
@@ -173,11 +136,3 @@ class VmLab:
         return subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
                                *([node] if node else [])], capture_output=True, text=True,
                               timeout=60, check=False).stdout
-
-
-def last_attempt_steps(detail: dict[str, object]) -> list[dict[str, object]]:
-    """The steps of a node's latest boot attempt, from `bootd status NODE -o json`."""
-    history = detail["history"]
-    assert isinstance(history, list)
-    steps: list[dict[str, object]] = history[-1]["steps"]
-    return steps

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bootd.config import Config
-from bootd.inventory import Inventory
-from bootd.recorder import Recorder
-from bootd.store import Store
+from bootd.fleet.config import Config
+from bootd.fleet.inventory import Inventory
+from bootd.state.recorder import Recorder
+from bootd.state.store import Store
 
 RESET, RED, GREEN, YELLOW, DIM = "\033[0m", "\033[31m", "\033[32m", "\033[33m", "\033[2m"
 

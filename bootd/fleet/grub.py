@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
-from bootd.config import ImageConfig
-from bootd.dhcp.server import DhcpContext
-from bootd.inventory import NodeProfile
-from bootd.mac import normalize_mac
-from bootd.render import grub_chain, grub_config, grub_unknown
+from bootd.dhcp.decide import DhcpContext
+from bootd.fleet.config import ImageConfig
+from bootd.fleet.inventory import NodeProfile
+from bootd.fleet.mac import normalize_mac
+from bootd.fleet.render import grub_chain, grub_config, grub_unknown
 
 _PER_MAC = re.compile(r"^grub\.cfg-01-([0-9a-fA-F]{2}(?:[:-][0-9a-fA-F]{2}){5})$")
 

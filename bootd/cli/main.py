@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bootd import __version__
-from bootd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from bootd.inventory import Inventory
+from bootd.fleet.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from bootd.fleet.inventory import Inventory
 
 
 def _summary(config: Config, path: str) -> str:
@@ -55,8 +55,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bootd.daemon import serve
-    from bootd.logs import configure_logging
-    from bootd.store import StoreError
+    from bootd.ops.logs import configure_logging
+    from bootd.state.store import StoreError
 
     configure_logging(json=args.log_format == "json" if args.log_format else None,
                       level=args.log_level)
@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from bootd.lab import run_lab, run_vm_lab
+    from bootd.lab.demo import run_lab, run_vm_lab
 
     if args.dhcp_only:
         return run_lab()
@@ -137,8 +137,8 @@ def _status_answer(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int
     """The status document from the daemon, else read-only from its database."""
     import aiohttp
 
-    from bootd import status
-    from bootd.store import StoreError
+    from bootd.cli import status
+    from bootd.state.store import StoreError
 
     config = None
     with contextlib.suppress(ConfigError):
@@ -180,7 +180,7 @@ def _status_answer(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bootd import status
+    from bootd.cli import status
 
     while True:
         answer, rc = _status_answer(args)
@@ -214,8 +214,8 @@ def _load_or_report(path: Path) -> Config | None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from bootd.explain import explain
-    from bootd.mac import normalize_mac
+    from bootd.cli.explain import explain
+    from bootd.fleet.mac import normalize_mac
 
     config = _load_or_report(args.config)
     if config is None:
@@ -258,7 +258,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from bootd.probe import probe
+    from bootd.cli.probe import probe
 
     try:
         return probe(args.interface, args.mac, args.arch, args.ipxe, args.timeout)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build the bootd test image from Debian packages only: the cloud kernel and the modules
-# the initramfs needs, busybox-static, squashfs-tools. Output (printed on stdout):
-# a directory with vmlinuz, initrd.img and rootfs.squashfs, cached outside the source
-# tree and rebuilt only when this recipe changes.
+# Build the test image that `bootd lab` and the e2e tests boot, from Debian packages only:
+# the cloud kernel and the modules the initramfs needs, busybox-static, squashfs-tools.
+# It ships inside the package (bootd/lab/testimage). Output (printed on stdout): a
+# directory with vmlinuz, initrd.img and rootfs.squashfs, cached outside the package and
+# rebuilt only when this recipe changes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-recipe=$(cat "$0" "$here"/test/* | sha256sum | cut -c1-16)
+recipe=$(cat "$0" "$here"/init "$here"/udhcpc.script "$here"/kubeadm | sha256sum | cut -c1-16)
 cache=${BOOTD_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bootd/test-image}
 out="$cache/$recipe"
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ -s "$out/rootfs.squashfs" ]; then
@@ -29,8 +30,8 @@ cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz.tmp"
 ird="$work/initrd"
 mkdir -p "$ird/bin" "$ird/etc" "$ird/lib/modules"
 cp "$(command -v busybox)" "$ird/bin/busybox"
-install -m 0755 "$here/test/init" "$ird/init"
-install -m 0755 "$here/test/udhcpc.script" "$ird/etc/udhcpc.script"
+install -m 0755 "$here/init" "$ird/init"
+install -m 0755 "$here/udhcpc.script" "$ird/etc/udhcpc.script"
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
          failover net_failover virtio_net loop squashfs overlay; do
   f=$(find "$work/kernel/lib/modules" -name "$m.ko*" | head -n 1)
@@ -49,7 +50,7 @@ cp "$(command -v busybox)" "$rfs/bin/busybox"
 for app in $("$rfs/bin/busybox" --list); do
   [ -e "$rfs/bin/$app" ] || ln -s busybox "$rfs/bin/$app"
 done
-install -m 0755 "$here/test/kubeadm" "$rfs/usr/bin/kubeadm"
+install -m 0755 "$here/kubeadm" "$rfs/usr/bin/kubeadm"
 echo "bootd test image" > "$rfs/etc/motd"
 rm -f "$out/rootfs.squashfs.tmp"
 mksquashfs "$rfs" "$out/rootfs.squashfs.tmp" -noappend -comp gzip -quiet >/dev/null

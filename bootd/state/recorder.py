@@ -16,7 +16,9 @@ from typing import Any
 
 import structlog
 
-from bootd.events import (
+from bootd.fleet.inventory import Inventory
+from bootd.ops.metrics import Metrics
+from bootd.state.events import (
     FINISHED,
     JOINED,
     REFUSED,
@@ -25,9 +27,7 @@ from bootd.events import (
     derive,
     starts_attempt,
 )
-from bootd.inventory import Inventory
-from bootd.metrics import Metrics
-from bootd.store import Store
+from bootd.state.store import Store
 
 log = structlog.get_logger("bootd.events")
 

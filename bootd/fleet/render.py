@@ -11,11 +11,11 @@ import shlex
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from bootd.config import ClusterConfig, ImageConfig
-from bootd.inventory import NodeProfile
-from bootd.mac import mac_dashed
+from bootd.fleet.config import ClusterConfig, ImageConfig
+from bootd.fleet.inventory import NodeProfile
+from bootd.fleet.mac import mac_dashed
 
-_env = Environment(loader=PackageLoader("bootd", "templates"), undefined=StrictUndefined,
+_env = Environment(loader=PackageLoader("bootd.fleet", "templates"), undefined=StrictUndefined,
                    keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                    autoescape=False)
 _env.filters["sh"] = lambda value: shlex.quote(str(value))

@@ -13,8 +13,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from types import MappingProxyType
 
-from bootd.dhcp.leases import Lease, LeaseChange, LeaseDeleted, LeaseState
-from bootd.events import BootEvent
+from bootd.state.events import BootEvent
+from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, LeaseState
 
 SCHEMA_VERSION = 2  # 2: boot events
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootd.config import ImageConfig
+from bootd.fleet.config import ImageConfig
 
 PARTS = ("kernel", "initrd", "rootfs")
 _CHUNK = 1 << 20

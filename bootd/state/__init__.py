@@ -1,0 +1,1 @@
+"""What bootd remembers: leases, boot events and their derivation, the SQLite store."""
