@@ -23,7 +23,7 @@ from types import MappingProxyType
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bootd.state.events import BootEvent
-from bootd.state.recorder import Recorder
+from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 
 BOOT = [("dhcp-discover", 0.0), ("dhcp-offer", 0.01), ("dhcp-ack", 0.3), ("tftp", 1.0),
@@ -53,7 +53,7 @@ def storm(nodes: int, seed: int = 1) -> list[BootEvent]:
 
 def run(events: list[BootEvent], path: Path, batch: int) -> dict[str, float]:
     store = Store(path)
-    rec = Recorder(store, stall_after=600, keep_attempts=10, clock=lambda: 200.0)
+    rec = Recorder(store, EventPolicy(600, 10), clock=lambda: 200.0)
     t = time.perf_counter()
     record_s = flush_s = 0.0
     for i, event in enumerate(events, 1):
@@ -76,7 +76,7 @@ def run(events: list[BootEvent], path: Path, batch: int) -> dict[str, float]:
     detail_s = time.perf_counter() - q0
     store.close()
     l0 = time.perf_counter()
-    again = Recorder(Store(path), stall_after=600, keep_attempts=10, clock=lambda: 200.0)
+    again = Recorder(Store(path), EventPolicy(600, 10), clock=lambda: 200.0)
     loaded = again.load()
     load_s = time.perf_counter() - l0
     assert all(s.stage == "joined" for s in states) and one.attempts == 1

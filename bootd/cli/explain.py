@@ -11,8 +11,10 @@ from ipaddress import IPv4Address
 
 from bootd.dhcp.decide import DhcpContext, DhcpSettings, decide
 from bootd.dhcp.options import Opt
+from bootd.dhcp.outcomes import Offered
 from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
 from bootd.fleet.config import Config
+from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.inventory import Inventory, NodeProfile
 from bootd.fleet.mac import mac_to_bytes
 from bootd.fleet.render import base_url, ipxe_node, join_script, kernel_cmdline
@@ -86,12 +88,13 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False) ->
     ]
     pool = inventory.catch_all
     leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips) if pool else None
-    ctx = DhcpContext(inventory, leases, DhcpSettings.from_config(config))
+    ctx = DhcpContext(NodeDirectory(inventory, leases), DhcpSettings.from_config(config))
     outcome = decide(synthetic_discover(mac, arch, ipxe), ctx, 0.0)
     out.append("")
+    note = outcome.note if isinstance(outcome, Offered) else ""
     out.append(f"DHCP answer to a {arch}{' iPXE' if ipxe else ''} DISCOVER: {outcome.kind}"
-               + (f" ({outcome.detail})" if outcome.detail else ""))
-    if outcome.reply is not None:
+               + (f" ({note})" if note else ""))
+    if isinstance(outcome, Offered):
         reply = decode(encode(outcome.reply.packet, outcome.reply.max_size))
         note = " (first free in the catch-all range)" if node.ip is None else ""
         out.append(f"  address {reply.yiaddr}{note}, next-server {reply.siaddr}, "

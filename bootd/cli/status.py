@@ -13,7 +13,7 @@ from typing import Any
 
 from bootd.fleet.config import Config
 from bootd.fleet.inventory import Inventory
-from bootd.state.recorder import Recorder
+from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 
 RESET, RED, GREEN, YELLOW, DIM = "\033[0m", "\033[31m", "\033[32m", "\033[33m", "\033[2m"
@@ -25,12 +25,12 @@ def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
     path = config.server.state_dir / "bootd.sqlite3"
     store = Store(path, read_only=True)
     try:
-        recorder = Recorder(store, stall_after=config.events.stall_after,
-                            keep_attempts=config.events.keep_attempts)
+        recorder = Recorder(store, EventPolicy(config.events.stall_after,
+                                               config.events.keep_attempts))
         recorder.load()
     finally:
         store.close()
-    return recorder.status_document(Inventory(config)), recorder
+    return recorder.status_document(Inventory(config).nodes), recorder
 
 
 def ago(ts: float | None, now: float) -> str:

@@ -1,4 +1,4 @@
-"""DHCP decisions: (request, inventory, leases, now) -> reply or nothing.
+"""DHCP decisions: (request, node directory, settings, now) -> a typed outcome.
 
 Pure logic, no sockets and no clock: every RFC 2131 rule is a named branch with a test.
 bootd answers authoritatively for its one subnet (as dnsmasq's `dhcp-authoritative`): a
@@ -9,11 +9,26 @@ to DISCOVER instead of waiting out a timeout.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from bootd.dhcp.bootfile import BootAnswer, Unsupported, boot_answer
 from bootd.dhcp.options import Opt
+from bootd.dhcp.outcomes import (
+    Acked,
+    Declined,
+    Dropped,
+    Exhausted,
+    Informed,
+    Nakked,
+    NotForUs,
+    Offered,
+    Outcome,
+    Released,
+    Reply,
+    RequestState,
+    UnknownMac,
+)
 from bootd.dhcp.packet import (
     BOOTREPLY,
     BOOTREQUEST,
@@ -24,8 +39,8 @@ from bootd.dhcp.packet import (
     MessageType,
 )
 from bootd.fleet.config import Config
-from bootd.fleet.inventory import Inventory, NodeProfile
-from bootd.state.leases import LeaseTable
+from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.inventory import NodeProfile
 
 BROADCAST = IPv4Address("255.255.255.255")
 SERVER_PORT = 67
@@ -35,7 +50,7 @@ MAX_HOPS = 16
 
 @dataclass(frozen=True)
 class DhcpSettings:
-    """What every reply carries, taken from the config once."""
+    """What every reply carries, taken from the config once per load."""
 
     server: IPv4Address
     subnet: IPv4Network
@@ -54,73 +69,32 @@ class DhcpSettings:
 
 
 @dataclass(frozen=True)
-class Reply:
-    packet: DhcpPacket
-    dest: IPv4Address
-    port: int
-    max_size: int
-    # The client has no address yet and did not ask for broadcast: deliver to yiaddr at
-    # chaddr (the transport installs an ARP entry, or falls back to broadcast).
-    hw_unicast: bool = False
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one request: the reply (if any) and a record for logs/events."""
-
-    kind: str  # offer | ack | nak | release | decline | inform | ignore | unknown-mac | drop
-    reply: Reply | None = None
-    node: NodeProfile | None = None
-    ip: IPv4Address | None = None
-    detail: str = ""
-    boot: BootAnswer | None = field(default=None)
-
-
-@dataclass
 class DhcpContext:
-    inventory: Inventory
-    leases: LeaseTable | None
+    """What one decision reads: the node directory and the settings of one config load."""
+
+    directory: NodeDirectory
     settings: DhcpSettings
-
-    def address_of(self, node: NodeProfile, mac: str, now: float) -> IPv4Address | None:
-        """The address this node holds through `mac`: its reservation or active lease."""
-        if node.ip is not None:
-            return node.ip
-        lease = self.leases.lookup(mac) if self.leases is not None else None
-        return lease.ip if lease is not None and lease.active(now) else None
-
-    def node_for_ip(self, ip: IPv4Address, now: float) -> tuple[NodeProfile, str] | None:
-        """The node (and the MAC it booted from) that holds `ip`: reservation or lease."""
-        node = self.inventory.by_ip(ip)
-        if node is not None:
-            return node, node.macs[0]
-        if self.leases is not None:
-            lease = self.leases.holder(ip)
-            if lease is not None and lease.mac and lease.active(now):
-                found = self.inventory.resolve(lease.mac)
-                if found is not None:
-                    return found, lease.mac
-        return None
 
 
 def decide(req: DhcpPacket, ctx: DhcpContext, now: float) -> Outcome:
-    """Answer one decoded request (RFC 2131 section 4.3)."""
+    """Answer one decoded request (RFC 2131 section 4.3). Lease changes it makes are
+    queued in the lease table for the caller to persist before it sends the reply."""
     if req.op != BOOTREQUEST:
-        return Outcome("drop", detail="not a BOOTREQUEST")
+        return Dropped("not a BOOTREQUEST")
     try:
         mac = req.mac
     except DhcpError as exc:
-        return Outcome("drop", detail=str(exc))
+        return Dropped(str(exc))
     mtype = req.message_type
     if mtype is None:
-        return Outcome("drop", detail="no or unknown DHCP message type (BOOTP is not served)")
+        return Dropped("no or unknown DHCP message type (BOOTP is not served)")
     if req.hops > MAX_HOPS:
-        return Outcome("drop", detail=f"relayed through {req.hops} hops")
+        return Dropped(f"relayed through {req.hops} hops")
     if req.giaddr != ZERO and req.giaddr not in ctx.settings.subnet:
-        return Outcome("drop", detail=f"relay {req.giaddr} is not on {ctx.settings.subnet}")
+        return Dropped(f"relay {req.giaddr} is not on {ctx.settings.subnet}")
     handler = _HANDLERS.get(mtype)
     if handler is None:
-        return Outcome("drop", detail=f"{mtype.name} is a server message")
+        return Dropped(f"{mtype.name} is a server message")
     return handler(req, mac, ctx, now)
 
 
@@ -128,82 +102,85 @@ def decide(req: DhcpPacket, ctx: DhcpContext, now: float) -> Outcome:
 
 
 def _discover(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
-    node = ctx.inventory.resolve(mac)
+    node = ctx.directory.resolve(mac)
     if node is None:
-        return Outcome("unknown-mac", detail=f"{mac} is not in the inventory and there is no "
-                       "catch-all pool")
+        return UnknownMac(mac, MessageType.DISCOVER)
     if node.ip is not None:
         ip = node.ip
     else:
-        if ctx.leases is None:
-            return Outcome("drop", node=node, detail="catch-all pool has no lease table")
-        offered = ctx.leases.offer(mac, now, req.requested_ip)
+        leases = ctx.directory.leases
+        if leases is None:
+            return Dropped("catch-all pool has no lease table", node)
+        offered = leases.offer(mac, now, req.requested_ip)
         if offered is None:
-            return Outcome("ignore", node=node, detail="dynamic range exhausted")
+            return Exhausted(node)
         ip = offered
-    return _answer(req, MessageType.OFFER, node, ip, ctx, "offer")
+    reply, boot, note = _answer(req, MessageType.OFFER, node, ip, ctx)
+    return Offered(reply, node, ip, boot, note)
 
 
 def _request(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
     server_id = req.server_id
-    leases = ctx.leases
+    leases = ctx.directory.leases
     if server_id is not None and server_id != ctx.settings.server:
         if leases is not None:
             leases.forget_offer(mac)
-        return Outcome("ignore", ip=req.requested_ip,
-                       detail=f"client selected server {server_id}")
-    node = ctx.inventory.resolve(mac)
+        return NotForUs(server_id, req.requested_ip)
+    node = ctx.directory.resolve(mac)
     if node is None:
-        return Outcome("unknown-mac", detail=f"REQUEST from {mac}, not in the inventory")
+        return UnknownMac(mac, MessageType.REQUEST)
     wanted = req.requested_ip if req.ciaddr == ZERO else req.ciaddr
     if wanted is None:
-        return Outcome("drop", node=node, detail="REQUEST names no address")
+        return Dropped("REQUEST names no address", node)
     if server_id is None and req.ciaddr != ZERO and req.requested_ip is None:
-        state = "renewing/rebinding"
+        state = RequestState.RENEWING
     elif server_id is None:
-        state = "init-reboot"
+        state = RequestState.INIT_REBOOT
     else:
-        state = "selecting"
+        state = RequestState.SELECTING
 
     if wanted not in ctx.settings.subnet:
         return _nak(req, node, ctx, f"{state}: {wanted} is not on {ctx.settings.subnet}")
     if node.ip is not None:
         if wanted != node.ip:
             return _nak(req, node, ctx, f"{state}: {wanted} requested, {node.ip} is reserved")
-        return _answer(req, MessageType.ACK, node, wanted, ctx, "ack", detail=state)
-    if leases is None or not leases.is_free_for(wanted, mac, now):
+    elif leases is None or not leases.is_free_for(wanted, mac, now):
         return _nak(req, node, ctx, f"{state}: {wanted} is not available to {mac}")
-    leases.bind(mac, wanted, now, ctx.settings.lease_time, node.name)
-    return _answer(req, MessageType.ACK, node, wanted, ctx, "ack", detail=state)
+    else:
+        leases.bind(mac, wanted, now, ctx.settings.lease_time, node.name)
+    reply, boot, note = _answer(req, MessageType.ACK, node, wanted, ctx)
+    return Acked(reply, node, wanted, state, boot, note)
 
 
 def _release(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
-    node = ctx.inventory.resolve(mac)
-    if ctx.leases is not None and req.ciaddr in ctx.leases:
-        released = ctx.leases.release(mac, req.ciaddr, now)
-        return Outcome("release", node=node, ip=req.ciaddr,
-                       detail="released" if released else "no such lease")
-    return Outcome("release", node=node, ip=req.ciaddr, detail="reserved address, kept")
+    node = ctx.directory.resolve(mac)
+    leases = ctx.directory.leases
+    if leases is not None and req.ciaddr in leases:
+        released = leases.release(mac, req.ciaddr, now)
+        return Released(node, req.ciaddr, released,
+                        "released" if released else "no such lease")
+    return Released(node, req.ciaddr, False, "reserved address, kept")
 
 
 def _decline(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
-    node = ctx.inventory.resolve(mac)
+    node = ctx.directory.resolve(mac)
     ip = req.requested_ip
     if ip is None:
-        return Outcome("drop", node=node, detail="DECLINE without requested address")
-    if ctx.leases is not None and ip in ctx.leases:
-        quarantined = ctx.leases.decline(mac, ip, now)
-        detail = "address quarantined" if quarantined else "not this client's lease"
-        return Outcome("decline", node=node, ip=ip, detail=detail)
-    return Outcome("decline", node=node, ip=ip,
-                   detail="reserved address is in use by another host: address conflict")
+        return Dropped("DECLINE without requested address", node)
+    leases = ctx.directory.leases
+    if leases is not None and ip in leases:
+        quarantined = leases.decline(mac, ip, now)
+        return Declined(node, ip, "address quarantined" if quarantined
+                        else "not this client's lease")
+    return Declined(node, ip, "reserved address is in use by another host: address conflict")
 
 
 def _inform(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
     if req.ciaddr == ZERO or req.ciaddr not in ctx.settings.subnet:
-        return Outcome("drop", detail=f"INFORM from {req.ciaddr}, not on our subnet")
-    node = ctx.inventory.resolve(mac)
-    return _answer(req, MessageType.ACK, node, None, ctx, "inform")
+        return Dropped(f"INFORM from {req.ciaddr}, not on our subnet")
+    node = ctx.directory.resolve(mac)
+    reply, boot, note = _answer(req, MessageType.ACK, node, None, ctx)
+    return Informed(reply, node, req.ciaddr, boot, note)
 
 
 _HANDLERS = {
@@ -242,15 +219,17 @@ def _destination(req: DhcpPacket, reply: DhcpPacket, nak: bool) -> Reply:
     return Reply(reply, reply.yiaddr, CLIENT_PORT, size, hw_unicast=True)
 
 
-def _nak(req: DhcpPacket, node: NodeProfile, ctx: DhcpContext, why: str) -> Outcome:
+def _nak(req: DhcpPacket, node: NodeProfile, ctx: DhcpContext, why: str) -> Nakked:
     reply = _base_reply(req, MessageType.NAK, ctx)
     reply.options[Opt.MESSAGE] = why.encode()[:255]
-    return Outcome("nak", _destination(req, reply, nak=True), node, req.requested_ip, why)
+    return Nakked(_destination(req, reply, nak=True), node, req.requested_ip, why)
 
 
 def _answer(req: DhcpPacket, mtype: MessageType, node: NodeProfile | None,
-            ip: IPv4Address | None, ctx: DhcpContext, kind: str, detail: str = "") -> Outcome:
-    """OFFER or ACK (ip set) or ACK to INFORM (ip None): addresses, options, boot file."""
+            ip: IPv4Address | None, ctx: DhcpContext,
+            ) -> tuple[Reply, BootAnswer | None, str]:
+    """OFFER or ACK (ip set) or ACK to INFORM (ip None): addresses, options, boot file.
+    Returns the reply, the boot program chosen and a note on why there is none."""
     s = ctx.settings
     reply = _base_reply(req, mtype, ctx)
     reply.siaddr = s.server
@@ -275,10 +254,11 @@ def _answer(req: DhcpPacket, mtype: MessageType, node: NodeProfile | None,
     opts[Opt.BROADCAST] = s.subnet.broadcast_address.packed
 
     boot: BootAnswer | None = None
+    note = ""
     if node is not None:
         answer = boot_answer(req, node.boot, str(s.server), s.http_port)
         if isinstance(answer, Unsupported):
-            detail = f"{detail}; {answer.reason}".lstrip("; ")
+            note = answer.reason
         elif answer is not None:
             boot = answer
             opts.update(answer.options)
@@ -292,7 +272,7 @@ def _answer(req: DhcpPacket, mtype: MessageType, node: NodeProfile | None,
     relay_info = req.options.get(Opt.RELAY_AGENT_INFO)
     if relay_info is not None:
         reply.options[Opt.RELAY_AGENT_INFO] = relay_info  # RFC 3046: echoed, last
-    return Outcome(kind, _destination(req, reply, nak=False), node, ip, detail, boot)
+    return _destination(req, reply, nak=False), boot, note
 
 
 def _order(opts: dict[int, bytes], prl: bytes) -> dict[int, bytes]:

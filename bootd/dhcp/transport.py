@@ -1,6 +1,8 @@
-"""asyncio shell around the DHCP decision: one UDP endpoint per configured interface.
+"""asyncio shell around the DHCP service: one UDP endpoint per configured interface.
 
-It only moves bytes: what to answer is decided by the handler it is given.
+It only moves bytes: a datagram goes to the service with the time it arrived, and what
+comes back is sent. The one thing it knows about DHCP is delivery to a client that has
+no address yet (RFC 2131 4.1): an ARP entry for yiaddr, or broadcast if that is refused.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ import asyncio
 import fcntl
 import socket
 import struct
+import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import cast
 
 import structlog
 
-from bootd.dhcp.decide import BROADCAST, Reply
-from bootd.dhcp.packet import encode
+from bootd.dhcp.decide import BROADCAST
+from bootd.dhcp.service import Datagram
 
 log = structlog.get_logger("bootd.dhcp")
 
@@ -24,7 +27,8 @@ SIOCSARP = 0x8955
 ATF_COM = 0x02
 ARPHRD_ETHER = 1
 
-Handler = Callable[[bytes, str], Reply | None]
+# datagram, receiving interface, arrival time -> the reply, if any
+Handler = Callable[[bytes, str, float], Datagram | None]
 
 
 def open_socket(interface: str, port: int) -> socket.socket:
@@ -64,34 +68,34 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = self.handler(data, self.interface)
+        reply = self.handler(data, self.interface, time.time())
         if reply is not None:
             self.send(reply)
 
-    def send(self, reply: Reply) -> None:
+    def send(self, reply: Datagram) -> None:
         if self.transport is None:
             return
         dest = reply.dest
-        if reply.hw_unicast:
-            dest = self._reachable(reply) or BROADCAST
+        if reply.hw_unicast_to is not None:
+            dest = self._reachable(reply.dest, reply.hw_unicast_to) or BROADCAST
         try:
-            self.transport.sendto(encode(reply.packet, reply.max_size), (str(dest), reply.port))
+            self.transport.sendto(reply.payload, (str(dest), reply.port))
         except OSError as exc:
             log.warning("dhcp send failed", interface=self.interface, dest=str(dest),
                         error=str(exc))
 
-    def _reachable(self, reply: Reply) -> IPv4Address | None:
+    def _reachable(self, ip: IPv4Address, chaddr: bytes) -> IPv4Address | None:
         if not self.arp_works or self.transport is None:
             return None
         sock = self.transport.get_extra_info("socket")
         try:
-            add_arp_entry(sock, self.interface, reply.dest, reply.packet.chaddr)
+            add_arp_entry(sock, self.interface, ip, chaddr)
         except OSError as exc:
             self.arp_works = False
             log.info("cannot add ARP entries, answering by broadcast", error=str(exc),
                      interface=self.interface)
             return None
-        return reply.dest
+        return ip
 
     def error_received(self, exc: Exception) -> None:
         log.debug("dhcp socket error", interface=self.interface, error=str(exc))

@@ -1,8 +1,21 @@
-"""Which bytes a TFTP file name means: inside the root only, read on demand.
+"""The boot file tree: which bytes a requested name means, for TFTP and for HTTP /boot/.
 
-A leading "/" is relative to the root (GRUB sends one; tftpd-hpa --secure and dnsmasq do
-the same); "\\" is read as "/" (Windows-style clients). A ".." component, a control
-character, or a symlink that resolves outside the root is an access violation.
+Rules, in the order they are applied:
+
+1. A name is made root-relative: a leading "/" is dropped (GRUB sends one; tftpd-hpa
+   --secure and dnsmasq do the same) and "\\" is read as "/" (Windows-style clients).
+   A ".." component, a control character, an empty or over-long name is refused.
+2. The root (`tftp.root`) is looked at first. It is the operator's tree that clients
+   name paths in, so a symlink that resolves outside it is refused.
+3. Then files rendered per client (GRUB configs): a real file in the root wins.
+4. Then, for plain names only (no "/"), the fallback directories (default Debian's
+   /usr/lib/ipxe). They are system directories the operator named, not a tree a client
+   navigates: symlinks a package put there are followed wherever they point (Debian's
+   /usr/lib/ipxe/ipxe.efi is a link to /boot/ipxe.efi).
+5. Only regular files are served; a directory is "not found", anything else refused.
+
+Missing names raise `NotFound`, refused ones `Forbidden`: TFTP turns them into ERROR 1 and
+2, HTTP into 404 and 403. Files are read with pread on demand, never copied per client.
 """
 
 from __future__ import annotations
@@ -13,13 +26,22 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from bootd.tftp.protocol import BytesSource, ErrorCode, Source, TftpError, netascii
-
 MAX_NAME = 255
-NETASCII_LIMIT = 16 << 20  # netascii is converted in memory; boot files use octet
 
-# name, client address -> rendered content, or None when the name is not dynamic
-DynamicFiles = Callable[[str, IPv4Address], bytes | None]
+# root-relative name, client address, now -> rendered content, or None if not dynamic
+DynamicFiles = Callable[[str, IPv4Address, float], bytes | None]
+
+
+class FileTreeError(Exception):
+    """A name that cannot be served; `str()` is a message safe to show the client."""
+
+
+class NotFound(FileTreeError):
+    pass
+
+
+class Forbidden(FileTreeError):
+    pass
 
 
 class FileSource:
@@ -42,87 +64,107 @@ class FileSource:
             self._fd = -1
 
 
+class BytesSource:
+    """Content rendered in memory (GRUB configs, netascii conversions)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset : offset + length]
+
+    def close(self) -> None:
+        return None
+
+
 def normalize_name(name: str) -> str:
-    """The root-relative path for a requested name, or TftpError(ACCESS_VIOLATION)."""
+    """The root-relative path for a requested name, or Forbidden."""
     if not name:
-        raise TftpError(ErrorCode.ACCESS_VIOLATION, "empty file name")
+        raise Forbidden("empty file name")
     if len(name) > MAX_NAME:
-        raise TftpError(ErrorCode.ACCESS_VIOLATION, "file name too long")
+        raise Forbidden("file name too long")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise TftpError(ErrorCode.ACCESS_VIOLATION, "control character in file name")
+        raise Forbidden("control character in file name")
     parts = []
     for part in name.replace("\\", "/").split("/"):
         if part in ("", "."):
             continue
         if part == "..":
-            raise TftpError(ErrorCode.ACCESS_VIOLATION, "'..' in file name")
+            raise Forbidden("'..' in file name")
         parts.append(part)
     if not parts:
-        raise TftpError(ErrorCode.ACCESS_VIOLATION, "file name names the root")
+        raise Forbidden("file name names the root")
     return "/".join(parts)
 
 
-class FileResolver:
+class FileTree:
+    """Built once per config load; answers `locate` (HTTP) and `open` (TFTP)."""
+
     def __init__(self, root: Path, fallback_dirs: list[Path] | tuple[Path, ...] = (),
                  dynamic: DynamicFiles | None = None) -> None:
-        self.set_dirs(root, fallback_dirs)
+        self.root = Path(os.path.realpath(root))
+        self.fallback_dirs = tuple(Path(os.path.realpath(d)) for d in fallback_dirs)
         self.dynamic = dynamic
 
-    def set_dirs(self, root: Path, fallback_dirs: list[Path] | tuple[Path, ...]) -> None:
-        self.root = Path(os.path.realpath(root))
-        self.fallback_dirs = [Path(os.path.realpath(d)) for d in fallback_dirs]
-
-    def open(self, name: str, client: IPv4Address, mode: str = "octet") -> Source:
-        """A Source for the request, or TftpError with the code the client should see."""
+    def locate(self, name: str, client: IPv4Address, now: float) -> Path | bytes:
+        """The real path of the file a name means, or its rendered content."""
         rel = normalize_name(name)
-        source: Source | None = self._open_file(self.root, rel)
-        if source is None and self.dynamic is not None:
-            content = self.dynamic(rel, client)
+        found = _regular_file(self.root, rel, confined=True)
+        if found is not None:
+            return found
+        if self.dynamic is not None:
+            content = self.dynamic(rel, client, now)
             if content is not None:
-                source = BytesSource(content)
-        if source is None and "/" not in rel:
+                return content
+        if "/" not in rel:
             for directory in self.fallback_dirs:
-                source = self._open_file(directory, rel)
-                if source is not None:
-                    break
-        if source is None:
-            raise TftpError(ErrorCode.FILE_NOT_FOUND, f"{rel}: file not found")
-        if mode == "netascii":
-            return self._netascii(source)
-        return source
+                found = _regular_file(directory, rel, confined=False)
+                if found is not None:
+                    return found
+        raise NotFound(f"{rel}: file not found")
 
-    @staticmethod
-    def _netascii(source: Source) -> Source:
+    def open(self, name: str, client: IPv4Address, now: float) -> FileSource | BytesSource:
+        found = self.locate(name, client, now)
+        if isinstance(found, bytes):
+            return BytesSource(found)
         try:
-            if source.size > NETASCII_LIMIT:
-                raise TftpError(ErrorCode.ACCESS_VIOLATION,
-                                "netascii transfers are limited to 16 MiB; use octet")
-            return BytesSource(netascii(source.read(0, source.size)))
-        finally:
-            if isinstance(source, FileSource):
-                source.close()
-
-    @staticmethod
-    def _open_file(directory: Path, rel: str) -> FileSource | None:
-        """Open directory/rel if it is a regular file that resolves inside directory."""
-        path = directory / rel
-        real = os.path.realpath(path)
-        if real != str(directory) and not real.startswith(str(directory) + os.sep):
-            if os.path.lexists(path):
-                raise TftpError(ErrorCode.ACCESS_VIOLATION, f"{rel}: leaves the TFTP root")
-            return None
-        try:
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            # O_NOFOLLOW: the path is already resolved; a link swapped in since is refused
+            fd = os.open(found, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
-            return None
-        except PermissionError:
-            raise TftpError(ErrorCode.ACCESS_VIOLATION, f"{rel}: permission denied") from None
-        except OSError:
-            return None
+            raise NotFound(f"{name}: file not found") from None
+        except OSError as exc:
+            raise Forbidden(f"{name}: {exc.strerror or 'cannot open'}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise TftpError(ErrorCode.FILE_NOT_FOUND, f"{rel}: is a directory")
-            raise TftpError(ErrorCode.ACCESS_VIOLATION, f"{rel}: not a regular file")
+            raise Forbidden(f"{name}: not a regular file")
         return FileSource(fd, st.st_size)
+
+
+def _regular_file(directory: Path, rel: str, *, confined: bool) -> Path | None:
+    """directory/rel resolved, if it is a readable regular file (None if absent).
+    `confined`: a path that resolves outside `directory` is refused, not followed."""
+    path = directory / rel
+    real = os.path.realpath(path)
+    inside = real == str(directory) or real.startswith(str(directory) + os.sep)
+    if confined and not inside:
+        if os.path.lexists(path):
+            raise Forbidden(f"{rel}: leaves the TFTP root")
+        return None
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        raise NotFound(f"{rel}: is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise Forbidden(f"{rel}: not a regular file")
+    if not os.access(real, os.R_OK):
+        raise Forbidden(f"{rel}: permission denied")
+    return Path(real)

@@ -100,9 +100,13 @@ class TokenProvider:
         return True
 
     async def run(self) -> None:
-        """Keep a `command` token fresh until cancelled."""
+        """Keep a `command` token fresh until cancelled. A provider kept across a reload
+        starts again here: a token younger than `refresh` is not fetched again at once."""
         if self.config.command is None:
             return
+        if self._token is not None and self.last_success is not None:
+            await asyncio.sleep(max(0.0, self.last_success + self.config.refresh
+                                    - time.time()))
         delay = RETRY_FIRST
         while True:
             if await self.refresh_command():

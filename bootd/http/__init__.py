@@ -1,1 +1,2 @@
-"""HTTP side: what booting nodes fetch (boot network) and the admin API (unix socket)."""
+"""HTTP, split by trust: `boot` is what booting nodes reach on the boot network, `admin`
+the operator's API on a unix socket or loopback. `serve` runs either on its listener."""

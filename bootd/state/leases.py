@@ -196,3 +196,7 @@ class LeaseTable:
     def drain_changes(self) -> list[LeaseChange]:
         changes, self._changes = self._changes, []
         return changes
+
+    def requeue(self, changes: list[LeaseChange]) -> None:
+        """Changes the store could not take: written first with the next batch."""
+        self._changes = changes + self._changes

@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from bootd.fleet.inventory import Inventory
+from bootd.fleet.inventory import NodeProfile
 from bootd.ops.metrics import Metrics
 from bootd.state.events import (
     FINISHED,
@@ -36,6 +36,14 @@ FLUSH_INTERVAL = 0.25
 MAX_PENDING = 200_000  # events held while the store cannot be written
 
 
+@dataclass(frozen=True)
+class EventPolicy:
+    """The config's `events:` block, one value per config load."""
+
+    stall_after: float  # no progress this long: the node is stalled
+    keep_attempts: int  # boot attempts kept per node
+
+
 @dataclass
 class _History:
     first_attempt: int = 1
@@ -47,13 +55,13 @@ class _History:
 
 
 class Recorder:
-    def __init__(self, store: Store | None, *, stall_after: float, keep_attempts: int,
+    def __init__(self, store: Store | None, policy: EventPolicy | Callable[[], EventPolicy], *,
                  clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
                  ) -> None:
+        """`policy`: a fixed one, or the current runtime snapshot's (read per event)."""
         self.store = store
         self.metrics = metrics
-        self.stall_after = stall_after
-        self.keep_attempts = keep_attempts
+        self.policy = policy if callable(policy) else (lambda: policy)
         self.clock = clock
         self._nodes: dict[str, _History] = {}
         self._pending: list[tuple[BootEvent, int]] = []
@@ -76,9 +84,10 @@ class Recorder:
 
     def record(self, event: BootEvent) -> None:
         h = self._nodes.setdefault(event.key, _History())
-        if not h.attempts or starts_attempt(h.attempts[-1], event, self.stall_after):
+        policy = self.policy()
+        if not h.attempts or starts_attempt(h.attempts[-1], event, policy.stall_after):
             h.attempts.append([])
-            while len(h.attempts) > self.keep_attempts:
+            while len(h.attempts) > policy.keep_attempts:
                 h.attempts.popleft()
                 h.first_attempt += 1
         current = h.attempts[-1]
@@ -114,7 +123,7 @@ class Recorder:
         batch, self._pending = self._pending, []
         if batch and self.store is not None:
             try:
-                self.store.append_events(batch, self.keep_attempts)
+                self.store.append_events(batch, self.policy().keep_attempts)
             except Exception:
                 # keep them for the next flush (bounded: the newest win)
                 self._pending = (batch + self._pending)[-MAX_PENDING:]
@@ -139,17 +148,17 @@ class Recorder:
         if h is None:
             return None
         events = [e for attempt in h.attempts for e in attempt]
-        return derive(events, self.clock(), self.stall_after, h.first_attempt)
+        return derive(events, self.clock(), self.policy().stall_after, h.first_attempt)
 
     def states(self) -> list[NodeState]:
         return [s for key in self._nodes if (s := self.state(key)) is not None]
 
-    def status_document(self, inventory: Inventory) -> dict[str, Any]:
+    def status_document(self, configured: Iterable[NodeProfile]) -> dict[str, Any]:
         """The `bootd status -o json` document: every node seen, then every configured
         node never seen (stage `never-seen`)."""
         seen = {s.key: s for s in self.states()}
         nodes = [s.to_json() for s in seen.values()]
-        for node in inventory.nodes:
+        for node in configured:
             if node.name not in seen:
                 nodes.append({"node": node.name, "mac": node.macs[0],
                               "ip": str(node.ip) if node.ip else None, "pool": node.pool,

@@ -177,24 +177,15 @@ def negotiate(options: dict[str, str], size: int, limits: Limits) -> Negotiated:
 
 
 class Source(Protocol):
-    """Where a transfer's bytes come from: read on demand, never copied whole."""
+    """Where a transfer's bytes come from: read on demand, never copied whole; closed by
+    whoever opened it once the transfer has ended."""
 
     @property
     def size(self) -> int: ...
 
     def read(self, offset: int, length: int) -> bytes: ...
 
-
-class BytesSource:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._data[offset : offset + length]
+    def close(self) -> None: ...
 
 
 def netascii(data: bytes) -> bytes:

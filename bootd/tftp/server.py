@@ -3,6 +3,10 @@
 By default every transfer gets its own ephemeral UDP socket (RFC 1350 TIDs). In
 single-port mode every transfer is served from the listening port and told apart by the
 peer's address, so TFTP works behind NAT or a Kubernetes Service that forwards one port.
+
+Settings (file tree, limits, the node directory) come from the current runtime snapshot,
+read once per request: a transfer keeps the snapshot it started with until it ends, so a
+reload changes what new requests get and never what is already being sent.
 """
 
 from __future__ import annotations
@@ -12,28 +16,51 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from ipaddress import IPv4Address
 from typing import cast
 
 import structlog
 
-from bootd.fleet.filetree import FileResolver, FileSource
+from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.filetree import BytesSource, FileTree, Forbidden, NotFound
 from bootd.tftp.protocol import (
     ErrorCode,
     Event,
     Limits,
     Opcode,
     ReadTransfer,
+    Source,
     TftpError,
     TransferDone,
     encode_error,
     negotiate,
+    netascii,
     parse_request,
 )
 
 log = structlog.get_logger("bootd.tftp")
 
 Addr = tuple[str, int]
+NETASCII_LIMIT = 16 << 20  # netascii is converted in memory; boot files use octet
+
+
+@dataclass(frozen=True)
+class TftpSettings:
+    """What TFTP takes from one config load."""
+
+    files: FileTree
+    limits: Limits
+    max_transfers: int
+    directory: NodeDirectory  # names the node behind a client address in reports
+
+
+class TransferOutcome(StrEnum):
+    OK = "ok"
+    UNCONFIRMED = "unconfirmed"  # all data sent; the client's last ACK never came
+    FAILED = "failed"
+    REFUSED_OPTIONS = "refused-options"  # the client answered our OACK with ERROR 8
+    ERROR = "error"  # refused before any data: not found, access, busy, WRQ
 
 
 @dataclass(frozen=True)
@@ -47,27 +74,28 @@ class TransferRecord:
     blksize: int
     windowsize: int
     duration: float
-    outcome: str  # ok | unconfirmed | failed | refused-options | error
+    outcome: TransferOutcome
     detail: str
     bytes_sent: int
     retransmits: int
 
 
-OnRecord = Callable[[TransferRecord], None]
+# a finished transfer, the settings it ran under
+OnRecord = Callable[[TransferRecord, TftpSettings], None]
 
 
 class _Active:
     """A transfer and the socket it speaks through."""
 
     def __init__(self, server: TftpServer, transfer: ReadTransfer, peer: Addr, filename: str,
-                 source_close: Callable[[], None], transport: asyncio.DatagramTransport,
+                 settings: TftpSettings, transport: asyncio.DatagramTransport,
                  own_socket: bool) -> None:
         self.server = server
         self.transfer = transfer
         self.peer = peer
         self.filename = filename
+        self.settings = settings
         self.started = time.monotonic()
-        self.source_close = source_close
         self.transport = transport
         self.own_socket = own_socket
         self.timer: asyncio.TimerHandle | None = None
@@ -111,7 +139,7 @@ class _Active:
             self.timer.cancel()
         if self.own_socket:
             self.transport.close()
-        self.source_close()
+        self.transfer.source.close()
 
 
 class _TransferSocket(asyncio.DatagramProtocol):
@@ -141,12 +169,10 @@ class _TransferSocket(asyncio.DatagramProtocol):
 class TftpServer(asyncio.DatagramProtocol):
     """The listening socket: parses requests, starts transfers, demuxes in single-port."""
 
-    def __init__(self, files: FileResolver, limits: Limits, *, single_port: bool = False,
-                 max_transfers: int = 1000, on_record: OnRecord | None = None) -> None:
-        self.files = files
-        self.limits = limits
+    def __init__(self, settings: Callable[[], TftpSettings], *, single_port: bool = False,
+                 on_record: OnRecord | None = None) -> None:
+        self.settings = settings  # the current snapshot's
         self.single_port = single_port
-        self.max_transfers = max_transfers
         self.on_record = on_record
         self.transport: asyncio.DatagramTransport | None = None
         self.active: dict[Addr, _Active] = {}
@@ -181,22 +207,22 @@ class TftpServer(asyncio.DatagramProtocol):
         assert self.transport is not None
         client = IPv4Address(addr[0])
         started = time.monotonic()
+        settings = self.settings()
         try:
             request = parse_request(data)
             if request.opcode == Opcode.WRQ:
                 raise TftpError(ErrorCode.ACCESS_VIOLATION, "bootd serves files read-only")
-            if len(self.active) >= self.max_transfers:
+            if len(self.active) >= settings.max_transfers:
                 raise TftpError(ErrorCode.NOT_DEFINED, "server busy, try again")
-            source = self.files.open(request.filename, client, request.mode)
+            source = _open(settings.files, request.filename, client, request.mode)
         except TftpError as exc:
             self.transport.sendto(exc.packet(), addr)
             self._record(TransferRecord(client, addr[1], _peek_name(data), 0, 0, 0,
-                                        time.monotonic() - started, "error",
-                                        f"ERROR {exc.code}: {exc.message}", 0, 0))
+                                        time.monotonic() - started, TransferOutcome.ERROR,
+                                        f"ERROR {exc.code}: {exc.message}", 0, 0), settings)
             return
-        negotiated = negotiate(request.options, source.size, self.limits)
-        transfer = ReadTransfer(source, negotiated, self.limits, self.loop.time())
-        close = source.close if isinstance(source, FileSource) else _nothing
+        negotiated = negotiate(request.options, source.size, settings.limits)
+        transfer = ReadTransfer(source, negotiated, settings.limits, self.loop.time())
         old = self.active.pop(addr, None)
         if old is not None:
             old.close()
@@ -208,12 +234,12 @@ class TftpServer(asyncio.DatagramProtocol):
                 t, sock_proto = await self.loop.create_datagram_endpoint(
                     _TransferSocket, local_addr=("0.0.0.0", 0), family=socket.AF_INET)
             except OSError as exc:
-                close()
+                source.close()
                 self.transport.sendto(encode_error(ErrorCode.NOT_DEFINED, "no socket"), addr)
                 log.warning("tftp cannot open transfer socket", error=str(exc))
                 return
             transport, own = t, True
-        active = _Active(self, transfer, addr, request.filename, close, transport, own)
+        active = _Active(self, transfer, addr, request.filename, settings, transport, own)
         if sock_proto is not None:
             sock_proto.active = active
         self.active[addr] = active
@@ -225,21 +251,22 @@ class TftpServer(asyncio.DatagramProtocol):
         active.close()
         t = active.transfer
         if isinstance(event, TransferDone):
-            outcome, detail = "ok", ""
+            outcome, detail = TransferOutcome.OK, ""
         elif event.client_refused_options:
-            outcome, detail = "refused-options", event.reason
+            outcome, detail = TransferOutcome.REFUSED_OPTIONS, event.reason
         elif event.final_ack_missing:
-            outcome, detail = "unconfirmed", "all data sent; the client's last ACK never came"
+            outcome = TransferOutcome.UNCONFIRMED
+            detail = "all data sent; the client's last ACK never came"
         else:
-            outcome, detail = "failed", event.reason
+            outcome, detail = TransferOutcome.FAILED, event.reason
         self._record(TransferRecord(
             IPv4Address(active.peer[0]), active.peer[1], active.filename, t.source.size,
             t.blksize, t.windowsize, time.monotonic() - active.started, outcome, detail,
-            t.bytes_sent, t.retransmits))
+            t.bytes_sent, t.retransmits), active.settings)
 
-    def _record(self, record: TransferRecord) -> None:
+    def _record(self, record: TransferRecord, settings: TftpSettings) -> None:
         if self.on_record is not None:
-            self.on_record(record)
+            self.on_record(record, settings)
 
     async def drain(self, timeout: float) -> int:
         """Refuse new requests, let transfers in flight finish for up to `timeout`;
@@ -258,23 +285,36 @@ class TftpServer(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-def _nothing() -> None:
-    return None
+def _open(files: FileTree, name: str, client: IPv4Address, mode: str) -> Source:
+    """The file tree's answer as a TFTP source, or the TftpError the client should see."""
+    try:
+        source: Source = files.open(name, client, time.time())
+    except NotFound as exc:
+        raise TftpError(ErrorCode.FILE_NOT_FOUND, str(exc)) from None
+    except Forbidden as exc:
+        raise TftpError(ErrorCode.ACCESS_VIOLATION, str(exc)) from None
+    if mode != "netascii":
+        return source
+    try:
+        if source.size > NETASCII_LIMIT:
+            raise TftpError(ErrorCode.ACCESS_VIOLATION,
+                            "netascii transfers are limited to 16 MiB; use octet")
+        return BytesSource(netascii(source.read(0, source.size)))
+    finally:
+        source.close()
 
 
 def _peek_name(data: bytes) -> str:
     return data[2:].split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-async def start_tftp(files: FileResolver, limits: Limits, port: int, *,
+async def start_tftp(settings: Callable[[], TftpSettings], port: int, *,
                      host: str = "0.0.0.0", single_port: bool = False,
-                     max_transfers: int = 1000, on_record: OnRecord | None = None,
-                     ) -> TftpServer:
+                     on_record: OnRecord | None = None) -> TftpServer:
     loop = asyncio.get_running_loop()
     try:
         _, server = await loop.create_datagram_endpoint(
-            lambda: TftpServer(files, limits, single_port=single_port,
-                               max_transfers=max_transfers, on_record=on_record),
+            lambda: TftpServer(settings, single_port=single_port, on_record=on_record),
             local_addr=(host, port), family=socket.AF_INET, reuse_port=False)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen for TFTP on {host}:{port}: "

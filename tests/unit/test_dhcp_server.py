@@ -8,8 +8,22 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from bootd.dhcp.decide import BROADCAST, DhcpContext, DhcpSettings, Outcome, decide
+from bootd.dhcp.decide import BROADCAST, DhcpContext, DhcpSettings, decide
 from bootd.dhcp.options import Opt
+from bootd.dhcp.outcomes import (
+    Acked,
+    Declined,
+    Dropped,
+    Exhausted,
+    Informed,
+    Nakked,
+    NotForUs,
+    Offered,
+    Outcome,
+    Released,
+    RequestState,
+    UnknownMac,
+)
 from bootd.dhcp.packet import (
     BOOTREPLY,
     BOOTREQUEST,
@@ -20,6 +34,7 @@ from bootd.dhcp.packet import (
     encode,
 )
 from bootd.fleet.config import parse_config
+from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.inventory import Inventory
 from bootd.state.leases import LeaseState, LeaseTable
 
@@ -52,7 +67,7 @@ def ctx(config: str = CONFIG) -> DhcpContext:
     leases = None
     if inv.catch_all is not None:
         leases = LeaseTable(inv.catch_all.first, inv.catch_all.last, inv.reserved_ips)
-    return DhcpContext(inv, leases, DhcpSettings.from_config(cfg))
+    return DhcpContext(NodeDirectory(inv, leases), DhcpSettings.from_config(cfg))
 
 
 def pkt(mtype: MessageType, mac: str = N1, **kw: object) -> DhcpPacket:
@@ -69,7 +84,7 @@ def ip(text: str) -> bytes:
 
 
 def answer(outcome: Outcome) -> DhcpPacket:
-    assert outcome.reply is not None, outcome
+    assert isinstance(outcome, Offered | Acked | Informed | Nakked), outcome
     # every reply must survive the wire
     return decode(encode(outcome.reply.packet, outcome.reply.max_size))
 
@@ -79,7 +94,7 @@ def answer(outcome: Outcome) -> DhcpPacket:
 
 def test_discover_reserved_node_gets_offer_with_network_options() -> None:
     out = decide(pkt(MessageType.DISCOVER), ctx(), 0)
-    assert out.kind == "offer" and out.node is not None and out.node.name == "n1"
+    assert isinstance(out, Offered) and out.node is not None and out.node.name == "n1"
     r = answer(out)
     assert r.op == BOOTREPLY and r.xid == 0x1234
     assert r.message_type is MessageType.OFFER
@@ -116,11 +131,11 @@ def test_message_type_then_server_id_then_requested_order() -> None:
 def test_unknown_mac_without_catch_all_gets_nothing() -> None:
     config = CONFIG.split("  - name: any")[0]
     out = decide(pkt(MessageType.DISCOVER, mac=UNKNOWN), ctx(config), 0)
-    assert out.kind == "unknown-mac" and out.reply is None
-    assert UNKNOWN in out.detail
+    assert isinstance(out, UnknownMac)
+    assert out.mac == UNKNOWN and out.message_type is MessageType.DISCOVER
     out = decide(pkt(MessageType.REQUEST, mac=UNKNOWN,
                      options={Opt.REQUESTED_IP: ip("10.0.0.50")}), ctx(config), 0)
-    assert out.kind == "unknown-mac" and out.reply is None
+    assert isinstance(out, UnknownMac)
 
 
 def test_catch_all_offers_range_address_and_generated_name() -> None:
@@ -136,7 +151,7 @@ def test_range_exhausted_is_silent() -> None:
     decide(pkt(MessageType.DISCOVER, mac="52:54:00:00:00:01"), c, 0)
     decide(pkt(MessageType.DISCOVER, mac="52:54:00:00:00:02"), c, 0)
     out = decide(pkt(MessageType.DISCOVER, mac="52:54:00:00:00:03"), c, 0)
-    assert out.kind == "ignore" and out.reply is None and "exhausted" in out.detail
+    assert isinstance(out, Exhausted) and out.node.pool == "any"
 
 
 # -- firmware -> boot answer
@@ -188,7 +203,7 @@ def test_unsupported_arch_gets_address_without_boot_file() -> None:
     out = decide(pkt(MessageType.DISCOVER, options={Opt.CLIENT_ARCH: b"\x00\x0a"}), ctx(), 0)
     r = answer(out)
     assert r.yiaddr == IPv4Address("10.0.0.5") and r.file == b""
-    assert "architecture 10" in out.detail
+    assert "architecture 10" in out.note
 
 
 @pytest.mark.parametrize("user_class", [b"iPXE", b"\x04iPXE"])
@@ -220,7 +235,7 @@ def test_selecting_our_offer_is_acked() -> None:
     c = ctx()
     out = decide(pkt(MessageType.REQUEST, options={
         Opt.SERVER_ID: ip("10.0.0.1"), Opt.REQUESTED_IP: ip("10.0.0.5")}), c, 0)
-    assert out.kind == "ack" and out.detail == "selecting"
+    assert isinstance(out, Acked) and out.state is RequestState.SELECTING
     r = answer(out)
     assert r.message_type is MessageType.ACK and r.yiaddr == IPv4Address("10.0.0.5")
 
@@ -228,17 +243,17 @@ def test_selecting_our_offer_is_acked() -> None:
 def test_selecting_other_server_is_ignored_and_offer_freed() -> None:
     c = ctx()
     decide(pkt(MessageType.DISCOVER, mac=UNKNOWN), c, 0)
-    assert c.leases is not None and c.leases.lookup(UNKNOWN) is not None
+    assert c.directory.leases is not None and c.directory.leases.lookup(UNKNOWN) is not None
     out = decide(pkt(MessageType.REQUEST, mac=UNKNOWN, options={
         Opt.SERVER_ID: ip("10.0.0.77"), Opt.REQUESTED_IP: ip("10.0.0.100")}), c, 0)
-    assert out.kind == "ignore" and out.reply is None
-    assert c.leases.lookup(UNKNOWN) is None
+    assert isinstance(out, NotForUs) and out.server_id == IPv4Address("10.0.0.77")
+    assert c.directory.leases.lookup(UNKNOWN) is None
 
 
 def test_request_for_wrong_reserved_address_is_naked_by_broadcast() -> None:
     out = decide(pkt(MessageType.REQUEST, options={
         Opt.SERVER_ID: ip("10.0.0.1"), Opt.REQUESTED_IP: ip("10.0.0.50")}), ctx(), 0)
-    assert out.kind == "nak"
+    assert isinstance(out, Nakked)
     assert out.reply is not None and out.reply.dest == BROADCAST and out.reply.port == 68
     r = answer(out)
     assert r.message_type is MessageType.NAK and r.yiaddr == IPv4Address(0)
@@ -248,21 +263,21 @@ def test_request_for_wrong_reserved_address_is_naked_by_broadcast() -> None:
 def test_init_reboot() -> None:
     c = ctx()
     ok = decide(pkt(MessageType.REQUEST, options={Opt.REQUESTED_IP: ip("10.0.0.5")}), c, 0)
-    assert ok.kind == "ack" and ok.detail == "init-reboot"
+    assert isinstance(ok, Acked) and ok.state is RequestState.INIT_REBOOT
     moved = decide(pkt(MessageType.REQUEST, options={Opt.REQUESTED_IP: ip("192.168.1.5")}), c, 0)
-    assert moved.kind == "nak" and "not on 10.0.0.0/24" in moved.detail
+    assert isinstance(moved, Nakked) and "not on 10.0.0.0/24" in moved.reason
 
 
 def test_renewing_unicast_to_ciaddr() -> None:
     out = decide(pkt(MessageType.REQUEST, ciaddr=IPv4Address("10.0.0.5")), ctx(), 0)
-    assert out.kind == "ack" and out.detail == "renewing/rebinding"
+    assert isinstance(out, Acked) and out.state is RequestState.RENEWING
     assert out.reply is not None
     assert out.reply.dest == IPv4Address("10.0.0.5") and not out.reply.hw_unicast
 
 
 def test_request_without_address_is_dropped() -> None:
     out = decide(pkt(MessageType.REQUEST), ctx(), 0)
-    assert out.kind == "drop" and out.reply is None
+    assert isinstance(out, Dropped)
 
 
 def test_dynamic_discover_request_binds_lease() -> None:
@@ -270,12 +285,12 @@ def test_dynamic_discover_request_binds_lease() -> None:
     decide(pkt(MessageType.DISCOVER, mac=UNKNOWN), c, 0)
     out = decide(pkt(MessageType.REQUEST, mac=UNKNOWN, options={
         Opt.SERVER_ID: ip("10.0.0.1"), Opt.REQUESTED_IP: ip("10.0.0.100")}), c, 5)
-    assert out.kind == "ack"
-    assert c.leases is not None
-    lease = c.leases.lookup(UNKNOWN)
+    assert isinstance(out, Acked)
+    assert c.directory.leases is not None
+    lease = c.directory.leases.lookup(UNKNOWN)
     assert lease is not None and lease.state is LeaseState.BOUND and lease.expires == 3605
     assert lease.hostname == "node-52-54-00-00-00-99"
-    assert len(c.leases.drain_changes()) == 1
+    assert len(c.directory.leases.drain_changes()) == 1
 
 
 def test_dynamic_request_for_someone_elses_address_is_naked() -> None:
@@ -285,17 +300,17 @@ def test_dynamic_request_for_someone_elses_address_is_naked() -> None:
                options={Opt.REQUESTED_IP: ip("10.0.0.100")}), c, 0)
     out = decide(pkt(MessageType.REQUEST, mac="52:54:00:00:00:98",
                      options={Opt.REQUESTED_IP: ip("10.0.0.100")}), c, 1)
-    assert out.kind == "nak"
+    assert isinstance(out, Nakked)
     out = decide(pkt(MessageType.REQUEST, mac="52:54:00:00:00:98",
                      options={Opt.REQUESTED_IP: ip("10.0.0.5")}), c, 1)  # reserved
-    assert out.kind == "nak"
+    assert isinstance(out, Nakked)
 
 
 def test_init_reboot_into_free_range_address_is_acked_authoritatively() -> None:
     c = ctx()
     out = decide(pkt(MessageType.REQUEST, mac=UNKNOWN,
                      options={Opt.REQUESTED_IP: ip("10.0.0.101")}), c, 0)
-    assert out.kind == "ack"
+    assert isinstance(out, Acked)
 
 
 # -- RELEASE, DECLINE, INFORM
@@ -306,12 +321,12 @@ def test_release_frees_dynamic_lease_without_reply() -> None:
     decide(pkt(MessageType.REQUEST, mac=UNKNOWN,
                options={Opt.REQUESTED_IP: ip("10.0.0.100")}), c, 0)
     out = decide(pkt(MessageType.RELEASE, mac=UNKNOWN, ciaddr=IPv4Address("10.0.0.100")), c, 1)
-    assert out.kind == "release" and out.reply is None and out.detail == "released"
-    assert c.leases is not None
-    lease = c.leases.lookup(UNKNOWN)
+    assert isinstance(out, Released) and out.released and out.reason == "released"
+    assert c.directory.leases is not None
+    lease = c.directory.leases.lookup(UNKNOWN)
     assert lease is not None and lease.state is LeaseState.RELEASED
     out = decide(pkt(MessageType.RELEASE, ciaddr=IPv4Address("10.0.0.5")), c, 1)
-    assert out.detail == "reserved address, kept"
+    assert isinstance(out, Released) and out.reason == "reserved address, kept"
 
 
 def test_decline_quarantines_address() -> None:
@@ -320,23 +335,23 @@ def test_decline_quarantines_address() -> None:
                options={Opt.REQUESTED_IP: ip("10.0.0.100")}), c, 0)
     out = decide(pkt(MessageType.DECLINE, mac=UNKNOWN,
                      options={Opt.REQUESTED_IP: ip("10.0.0.100")}), c, 1)
-    assert out.kind == "decline" and out.reply is None and "quarantined" in out.detail
+    assert isinstance(out, Declined) and "quarantined" in out.reason
     r = answer(decide(pkt(MessageType.DISCOVER, mac=UNKNOWN), c, 2))
     assert r.yiaddr == IPv4Address("10.0.0.101")
     out = decide(pkt(MessageType.DECLINE, options={Opt.REQUESTED_IP: ip("10.0.0.5")}), c, 1)
-    assert "conflict" in out.detail
-    assert decide(pkt(MessageType.DECLINE), c, 1).kind == "drop"
+    assert isinstance(out, Declined) and "conflict" in out.reason
+    assert isinstance(decide(pkt(MessageType.DECLINE), c, 1), Dropped)
 
 
 def test_inform_acked_without_lease() -> None:
     out = decide(pkt(MessageType.INFORM, ciaddr=IPv4Address("10.0.0.5")), ctx(), 0)
-    assert out.kind == "inform"
+    assert isinstance(out, Informed)
     assert out.reply is not None and out.reply.dest == IPv4Address("10.0.0.5")
     r = answer(out)
     assert r.message_type is MessageType.ACK
     assert r.yiaddr == IPv4Address(0) and r.ciaddr == IPv4Address("10.0.0.5")
     assert Opt.LEASE_TIME not in r.options and Opt.DNS in r.options
-    assert decide(pkt(MessageType.INFORM), ctx(), 0).kind == "drop"
+    assert isinstance(decide(pkt(MessageType.INFORM), ctx(), 0), Dropped)
 
 
 # -- addressing (RFC 2131 4.1), relays, hygiene
@@ -367,7 +382,7 @@ def test_relayed_request_answered_to_relay_with_agent_info_echoed_last() -> None
 def test_relayed_nak_sets_broadcast_bit() -> None:
     out = decide(pkt(MessageType.REQUEST, giaddr=IPv4Address("10.0.0.250"),
                      options={Opt.REQUESTED_IP: ip("10.0.0.9")}), ctx(), 0)
-    assert out.kind == "nak" and out.reply is not None
+    assert isinstance(out, Nakked) and out.reply is not None
     assert out.reply.dest == IPv4Address("10.0.0.250")
     assert out.reply.packet.flags & FLAG_BROADCAST
 
@@ -383,7 +398,7 @@ def test_relayed_nak_sets_broadcast_bit() -> None:
 ])
 def test_drops(packet: DhcpPacket, why: str) -> None:
     out = decide(packet, ctx(), 0)
-    assert out.kind == "drop" and out.reply is None and why in out.detail
+    assert isinstance(out, Dropped) and why in out.reason
 
 
 def test_reply_fits_client_max_message_size() -> None:

@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 from bootd.state import events as ev
 from bootd.state.events import BootEvent, derive, split_attempts, starts_attempt
-from bootd.state.recorder import Recorder
+from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 
 STALL = 600.0
@@ -104,7 +104,7 @@ def test_unknown_mac_key() -> None:
 
 def test_recorder_keeps_last_attempts_and_survives_restart(tmp_path: Path) -> None:
     store = Store.in_state_dir(tmp_path)
-    rec = Recorder(store, stall_after=STALL, keep_attempts=2, clock=lambda: 1000.0)
+    rec = Recorder(store, EventPolicy(STALL, 2), clock=lambda: 1000.0)
     for boot in range(3):
         for event in HEALTHY:
             rec.record(e(boot * 100 + event.ts, event.stage, **event.detail))
@@ -115,7 +115,7 @@ def test_recorder_keeps_last_attempts_and_survives_restart(tmp_path: Path) -> No
     assert [a.number for a in state.history] == [2, 3]
     store.close()
 
-    again = Recorder(Store.in_state_dir(tmp_path), stall_after=STALL, keep_attempts=2,
+    again = Recorder(Store.in_state_dir(tmp_path), EventPolicy(STALL, 2),
                      clock=lambda: 1000.0)
     assert again.load() == 2 * len(HEALTHY) + 1  # the oldest attempt was pruned
     restored = again.state("n1")
@@ -132,7 +132,7 @@ def test_recorder_bounds_events_per_attempt(monkeypatch: object) -> None:
 
     assert hasattr(monkeypatch, "setattr")
     monkeypatch.setattr(module, "MAX_EVENTS_PER_ATTEMPT", 5)
-    rec = Recorder(None, stall_after=STALL, keep_attempts=3)
+    rec = Recorder(None, EventPolicy(STALL, 3))
     for i in range(20):
         rec.record(e(i, ev.TFTP if i else ev.DHCP_DISCOVER))
     state = rec.state("n1")
@@ -142,7 +142,7 @@ def test_recorder_bounds_events_per_attempt(monkeypatch: object) -> None:
 
 def test_failed_store_write_keeps_events_for_next_flush(tmp_path: Path) -> None:
     store = Store.in_state_dir(tmp_path)
-    rec = Recorder(store, stall_after=STALL, keep_attempts=2)
+    rec = Recorder(store, EventPolicy(STALL, 2))
     rec.record(HEALTHY[0])
     store.close()
     with contextlib.suppress(Exception):
@@ -155,7 +155,7 @@ def test_recorder_metrics() -> None:
     from bootd.ops.metrics import Metrics
 
     metrics = Metrics()
-    rec = Recorder(None, stall_after=STALL, keep_attempts=2, metrics=metrics, clock=lambda: 25.0)
+    rec = Recorder(None, EventPolicy(STALL, 2), metrics=metrics, clock=lambda: 25.0)
     for event in HEALTHY:
         rec.record(event)
     rec.record(e(21, ev.DHCP_ACK))

@@ -14,16 +14,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bootd.dhcp.decide import DhcpContext, DhcpSettings
 from bootd.fleet.config import parse_config
-from bootd.fleet.filetree import FileResolver
-from bootd.fleet.grub import GrubConfigs
 from bootd.fleet.images import ImageHashes
-from bootd.fleet.inventory import Inventory
-from bootd.fleet.tokens import providers
-from bootd.http.app import HttpContext, admin_app, boot_app
+from bootd.http.admin import ReloadResult, admin_app
+from bootd.http.boot import boot_app
+from bootd.live import View
 from bootd.ops.metrics import Metrics
-from bootd.state.leases import LeaseTable
+from bootd.runtime import Snapshot, build_snapshot
+from bootd.state.recorder import EventPolicy, Recorder
+from bootd.state.store import Store
 
 TOKEN = "abcdef.0123456789abcdef"
 HASH = "sha256:" + "a" * 64
@@ -71,16 +70,17 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def context(tmp: Path, config_text: str | None = None) -> HttpContext:
-    cfg = parse_config(config_text or make_config(tmp))
-    inv = Inventory(cfg)
-    pool = inv.catch_all
-    leases = LeaseTable(pool.first, pool.last, inv.reserved_ips) if pool else None
-    dhcp = DhcpContext(inv, leases, DhcpSettings.from_config(cfg))
-    grub = GrubConfigs(dhcp, cfg.images, "127.0.0.53", 8080)
-    return HttpContext(cfg, dhcp, ImageHashes(), providers(cfg.clusters),
-                       FileResolver(tmp / "tftp", [], grub), grub, Metrics(),
-                       "http://127.0.0.53:8080")
+def context(tmp: Path, config_text: str | None = None) -> Snapshot:
+    """The runtime snapshot of a config, with the TFTP root under `tmp`."""
+    text = config_text or make_config(tmp)
+    text = text.replace("network: {", f"tftp: {{root: {tmp / 'tftp'}, fallback_dirs: []}}\n"
+                        "network: {", 1)
+    return build_snapshot(parse_config(text), Store(tmp / "state.sqlite3"),
+                          hashes=ImageHashes())
+
+
+def boot_of(snapshot: Snapshot, recorder: Recorder | None = None) -> web.Application:
+    return boot_app(View.fixed(snapshot.boot), Metrics(), recorder)
 
 
 async def client_for(app: web.Application) -> TestClient[web.Request, web.Application]:
@@ -92,7 +92,7 @@ async def client_for(app: web.Application) -> TestClient[web.Request, web.Applic
 
 @pytest.fixture
 async def boot(tree: Path) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    client = await client_for(boot_app(context(tree)))
+    client = await client_for(boot_of(context(tree)))
     yield client
     await client.close()
 
@@ -122,7 +122,7 @@ async def test_node_script(boot: TestClient[web.Request, web.Application], tree:
 
 async def test_unknown_mac_and_no_image_give_up(tree: Path) -> None:
     config = make_config(tree).split("  - name: any")[0]
-    client = await client_for(boot_app(context(tree, config)))
+    client = await client_for(boot_of(context(tree, config)))
     try:
         text = await (await client.get("/nodes/52-54-00-00-00-99/boot.ipxe")).text()
         assert "52:54:00:00:00:99 is not in bootd's inventory" in text
@@ -146,7 +146,7 @@ async def test_grub_over_http_matches_tftp(boot: TestClient[web.Request, web.App
                                            tree: Path) -> None:
     text = await (await boot.get("/nodes/02:00:00:00:00:01/grub.cfg")).text()
     ctx = context(tree)
-    assert text == ctx.grub.for_mac("02:00:00:00:00:01")
+    assert text == ctx.boot.grub.for_mac("02:00:00:00:00:01")
     assert "linux (http,127.0.0.53:8080)/images/k8s/kernel" in text
 
 
@@ -246,11 +246,12 @@ async def test_join_script_for_a_leased_catch_all_node(tree: Path) -> None:
         '{name: me, mac: "02:00:00:00:00:01", ip: 127.0.0.1}',
         '{name: me, mac: "02:00:00:00:00:01", ip: 127.0.0.4}')
     ctx = context(tree, config)
-    assert ctx.dhcp.leases is not None
+    assert ctx.directory.leases is not None
     import time
     from ipaddress import IPv4Address
-    ctx.dhcp.leases.bind("52:54:00:00:00:09", IPv4Address("127.0.0.1"), time.time(), 3600)
-    client = await client_for(boot_app(ctx))
+    ctx.directory.leases.bind("52:54:00:00:00:09", IPv4Address("127.0.0.1"), time.time(),
+                              3600)
+    client = await client_for(boot_of(ctx))
     try:
         resp = await client.get("/nodes/52-54-00-00-00-09/join.sh")
         assert resp.status == 200 and "NODE_NAME=node-52-54-00-00-00-09" in await resp.text()
@@ -260,7 +261,7 @@ async def test_join_script_for_a_leased_catch_all_node(tree: Path) -> None:
 
 async def test_join_script_without_token_is_503(tree: Path) -> None:
     config = make_config(tree, token='{command: "exit 1"}')
-    client = await client_for(boot_app(context(tree, config)))
+    client = await client_for(boot_of(context(tree, config)))
     try:
         resp = await client.get("/nodes/02:00:00:00:00:01/join.sh")
         assert resp.status == 503
@@ -278,7 +279,7 @@ async def test_node_events(boot: TestClient[web.Request, web.Application]) -> No
 
 
 async def test_node_event_validation(tree: Path) -> None:
-    client = await client_for(boot_app(context(tree)))
+    client = await client_for(boot_of(context(tree)))
     try:
         import asyncio
 
@@ -297,7 +298,7 @@ async def test_node_event_validation(tree: Path) -> None:
 
 async def test_events_refused_from_non_node(tree: Path) -> None:
     config = make_config(tree).replace("ip: 127.0.0.1}", "ip: 127.0.0.5}")
-    client = await client_for(boot_app(context(tree, config)))
+    client = await client_for(boot_of(context(tree, config)))
     try:
         resp = await client.post("/api/v1/events", json={"stage": "joined"})
         assert resp.status == 403
@@ -306,7 +307,7 @@ async def test_events_refused_from_non_node(tree: Path) -> None:
 
 
 async def test_admin_api(tree: Path) -> None:
-    client = await client_for(admin_app(context(tree)))
+    client = await client_for(admin_app(View.fixed(context(tree).admin), Metrics()))
     try:
         assert (await (await client.get("/healthz")).json()) == {"status": "ok"}
         metrics = await (await client.get("/metrics")).text()
@@ -345,13 +346,11 @@ async def test_cloud_init_nocloud_documents(boot: TestClient[web.Request, web.Ap
 
 
 async def test_admin_reload_route(tree: Path) -> None:
-    from bootd.http.app import ReloadResult
-
     ctx = context(tree)
     answers = iter([ReloadResult(True, [], ["server.http_port"]),
                     ReloadResult(False, ["f.yaml:3: network.subnet: bad"], [])])
-    ctx.reload = lambda: next(answers)
-    client = await client_for(admin_app(ctx))
+    client = await client_for(admin_app(View.fixed(ctx.admin), Metrics(),
+                                        reload=lambda: next(answers)))
     try:
         ok = await client.post("/api/v1/reload")
         assert ok.status == 200
@@ -365,16 +364,13 @@ async def test_admin_reload_route(tree: Path) -> None:
 
 
 async def test_tokens_echoed_by_nodes_are_scrubbed(tree: Path) -> None:
-    from bootd.state.recorder import Recorder
-
-    ctx = context(tree)
-    ctx.recorder = Recorder(None, stall_after=600, keep_attempts=2)
-    client = await client_for(boot_app(ctx))
+    recorder = Recorder(None, EventPolicy(600, 2))
+    client = await client_for(boot_of(context(tree), recorder))
     try:
         resp = await client.post("/api/v1/events", json={
             "stage": "kubeadm", "message": f"join 10.0.0.10:6443 --token {TOKEN} --x"})
         assert resp.status == 204
-        state = ctx.recorder.state("me")
+        state = recorder.state("me")
         assert state is not None
         message = str(state.history[-1].steps[-1].detail["message"])
         assert TOKEN not in message and "--token <token> --x" in message

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bootd.fleet.filetree import BytesSource
 from bootd.tftp.protocol import (
-    BytesSource,
     ErrorCode,
     Limits,
     Negotiated,

@@ -1,0 +1,216 @@
+"""The DHCP service: one datagram in, at most one datagram out.
+
+Theory of operation
+-------------------
+
+The whole data path of a request is in `DhcpService.handle`, in this order:
+
+    bytes --decode--> DhcpPacket --decide--> Outcome --persist--> --encode--> Datagram
+
+Rules:
+
+1. Decode and encode happen here and nowhere else; the transport below only moves bytes
+   (and, for a client without an address, teaches the kernel its MAC).
+2. `decide()` is pure: it reads the node directory and the settings of the current
+   runtime snapshot and queues lease changes in the lease table.
+3. Queued lease changes are written to the store *before* the reply is encoded. If the
+   write fails, nothing is sent: a client is never told about an address the store does
+   not have, and the changes stay queued for the next write.
+4. Every outcome is a frozen class (`bootd.dhcp.outcomes`); its log line, metric and boot
+   event are chosen by a `match` on the class, never by reading text.
+5. Logging an unknown MAC is limited per MAC (once a minute), so a client retrying
+   every second logs once, and many unknown machines are each logged once.
+6. The snapshot is read once per datagram: a reload between two datagrams swaps it,
+   a reload never lands in the middle of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from types import MappingProxyType
+
+import structlog
+
+from bootd.dhcp.bootfile import BootAnswer, is_boot_client
+from bootd.dhcp.decide import DhcpContext, decide
+from bootd.dhcp.outcomes import (
+    Acked,
+    Declined,
+    Dropped,
+    Exhausted,
+    Informed,
+    Nakked,
+    NotForUs,
+    Offered,
+    Outcome,
+    Released,
+    UnknownMac,
+)
+from bootd.dhcp.packet import DhcpError, DhcpPacket, MessageType, decode, encode
+from bootd.fleet.inventory import NodeProfile
+from bootd.ops.metrics import Metrics
+from bootd.ops.ratelimit import RateLimiter
+from bootd.state import events
+from bootd.state.events import BootEvent
+from bootd.state.recorder import Recorder
+from bootd.state.store import Store
+
+log = structlog.get_logger("bootd.dhcp")
+
+UNKNOWN_MAC_LOG_INTERVAL = 60.0
+UNKNOWN_MAC_MEMORY = 4096
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """An encoded reply and where it goes."""
+
+    payload: bytes
+    dest: IPv4Address
+    port: int
+    # set when the client has no address yet: deliver to `dest` at this hardware address
+    # (the transport adds an ARP entry, or broadcasts if it may not)
+    hw_unicast_to: bytes | None = None
+
+
+class DhcpService:
+    def __init__(self, context: Callable[[], DhcpContext], store: Store, metrics: Metrics,
+                 recorder: Recorder | None = None) -> None:
+        self.context = context  # the current snapshot's DHCP context
+        self.store = store
+        self.metrics = metrics
+        self.recorder = recorder
+        self.unknown_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY)
+        self._packets = {kind: metrics.dhcp_packets.labels(kind) for kind in (
+            "malformed", "store-failed", *(c.kind for c in _OUTCOME_CLASSES))}
+
+    def handle(self, data: bytes, interface: str, now: float) -> Datagram | None:
+        try:
+            request = decode(data)
+        except DhcpError as exc:
+            self._packets["malformed"].inc()
+            log.debug("dhcp drop malformed", interface=interface, error=str(exc))
+            return None
+        ctx = self.context()
+        outcome = decide(request, ctx, now)
+        if not self._persist(ctx):
+            return None
+        self._packets[outcome.kind].inc()
+        self._log(outcome, request, interface, now)
+        if self.recorder is not None:
+            self._record(self.recorder, request, outcome, now)
+        match outcome:
+            case Offered(reply=reply) | Acked(reply=reply) | Informed(reply=reply) | Nakked(
+                    reply=reply):
+                packet = reply.packet
+                chaddr = packet.chaddr[:packet.hlen] if reply.hw_unicast else None
+                return Datagram(encode(packet, reply.max_size), reply.dest, reply.port, chaddr)
+        return None
+
+    def _persist(self, ctx: DhcpContext) -> bool:
+        """Write queued lease changes; False (and nothing sent) if the store failed."""
+        leases = ctx.directory.leases
+        if leases is None:
+            return True
+        changes = leases.drain_changes()
+        if not changes:
+            return True
+        try:
+            self.store.apply_lease_changes(changes)
+        except Exception as exc:  # a full or broken disk: answer nobody, keep the changes
+            leases.requeue(changes)
+            self._packets["store-failed"].inc()
+            log.error("dhcp lease store write failed; reply withheld", error=str(exc),
+                      pending=len(changes))
+            return False
+        self.metrics.dhcp_leases.set(len(leases))
+        return True
+
+    def _log(self, outcome: Outcome, request: DhcpPacket, interface: str, now: float) -> None:
+        fields: dict[str, object] = {"interface": interface, "xid": f"{request.xid:08x}"}
+        with contextlib.suppress(DhcpError):
+            fields["mac"] = request.mac
+        match outcome:
+            case UnknownMac(mac=mac, message_type=mtype):
+                if self.unknown_log.allow(mac, now):
+                    log.warning("dhcp unknown-mac", **fields, message=mtype.name,
+                                detail="not in the inventory and there is no catch-all pool")
+                return
+            case Offered(node=node, ip=ip, boot=boot, note=note) | Informed(
+                    node=node, ip=ip, boot=boot, note=note):
+                log.info(f"dhcp {outcome.kind}", **fields, **_node_fields(node), ip=str(ip),
+                         **_boot_fields(boot), **({"detail": note} if note else {}))
+            case Acked(node=node, ip=ip, boot=boot, state=state, note=note):
+                log.info("dhcp ack", **fields, **_node_fields(node), ip=str(ip),
+                         **_boot_fields(boot), detail="; ".join(filter(None, (state, note))))
+            case Nakked(node=node, ip=ip, reason=reason):
+                log.info("dhcp nak", **fields, **_node_fields(node),
+                         ip=str(ip) if ip else None, detail=reason)
+            case Released(node=node, ip=ip, reason=reason) | Declined(
+                    node=node, ip=ip, reason=reason):
+                log.info(f"dhcp {outcome.kind}", **fields, **_node_fields(node), ip=str(ip),
+                         detail=reason)
+            case Exhausted(node=node):
+                log.warning("dhcp exhausted", **fields, **_node_fields(node),
+                            detail="the catch-all range has no free address")
+            case NotForUs(server_id=server, ip=ip):
+                log.debug("dhcp not-for-us", **fields, ip=str(ip) if ip else None,
+                          detail=f"client selected server {server}")
+            case Dropped(reason=reason, node=node):
+                log.debug("dhcp drop", **fields, **_node_fields(node), detail=reason)
+
+    @staticmethod
+    def _record(recorder: Recorder, request: DhcpPacket, outcome: Outcome, now: float) -> None:
+        try:
+            mac = request.mac
+        except DhcpError:
+            return
+
+        def event(stage: str, node: NodeProfile | None, ip: IPv4Address | None,
+                  result: str = "ok", **detail: object) -> None:
+            recorder.record(BootEvent(now, stage, node.name if node else None, mac,
+                                      str(ip) if ip is not None else None,
+                                      node.pool if node else None, result,
+                                      MappingProxyType(detail)))
+
+        def firmware(boot: BootAnswer | None) -> str:
+            if boot is not None:
+                return boot.firmware.value
+            return "unknown" if is_boot_client(request) else "os"
+
+        match outcome:
+            case UnknownMac():
+                event(events.REFUSED, None, None, "refused", reason="unknown MAC (DHCP)")
+            case Offered(node=node, ip=ip, boot=boot):
+                event(events.DHCP_DISCOVER, node, ip, firmware=firmware(boot),
+                      vendor_class=request.vendor_class)
+                event(events.DHCP_OFFER, node, ip, firmware=firmware(boot))
+            case Exhausted(node=node):
+                event(events.DHCP_DISCOVER, node, None, firmware=firmware(None),
+                      vendor_class=request.vendor_class)
+            case Acked(node=node, ip=ip, boot=boot, state=state):
+                event(events.DHCP_ACK, node, ip, firmware=firmware(boot), state=str(state),
+                      bootfile=boot.bootfile if boot is not None else None)
+            case Nakked(node=node, ip=ip, reason=reason):
+                event(events.DHCP_NAK, node, ip, "error", reason=reason)
+            case Dropped(node=node) if node is not None and (
+                    request.message_type is MessageType.DISCOVER):
+                event(events.DHCP_DISCOVER, node, None, firmware=firmware(None),
+                      vendor_class=request.vendor_class)
+
+
+_OUTCOME_CLASSES = (Offered, Acked, Informed, Nakked, Released, Declined, UnknownMac,
+                    Exhausted, NotForUs, Dropped)
+
+
+def _node_fields(node: NodeProfile | None) -> dict[str, object]:
+    return {"node": node.name, "pool": node.pool} if node is not None else {}
+
+
+def _boot_fields(boot: BootAnswer | None) -> dict[str, object]:
+    if boot is None:
+        return {}
+    return {"firmware": boot.firmware.value, "bootfile": boot.bootfile}

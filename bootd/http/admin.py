@@ -1,0 +1,162 @@
+"""The admin API: status, nodes, tokens, metrics and reload, for operators and the CLI.
+
+It listens on a unix socket or a loopback address (`server.api`), never on the boot
+network: nothing here is for a booting node, and reload is not for anyone on the LAN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.inventory import NodeProfile
+from bootd.fleet.mac import normalize_mac
+from bootd.fleet.tokens import TokenProvider
+from bootd.live import View
+from bootd.ops.metrics import Metrics
+from bootd.state.recorder import Recorder
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """What the admin API takes from one config load."""
+
+    directory: NodeDirectory
+    tokens: Mapping[str, TokenProvider]
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    errors: list[str]
+    restart_required: list[str]
+
+
+Reload = Callable[[], ReloadResult]
+
+SETTINGS = web.AppKey[View[AdminSettings]]("settings")
+METRICS = web.AppKey("metrics", Metrics)
+RECORDER = web.AppKey[Recorder | None]("recorder")
+RELOAD = web.AppKey[Reload | None]("reload")
+
+routes = web.RouteTableDef()
+
+
+def _node_json(node: NodeProfile) -> dict[str, object]:
+    return {
+        "name": node.name, "pool": node.pool, "macs": list(node.macs),
+        "ip": str(node.ip) if node.ip else None, "tags": list(node.tags),
+        "image": node.image, "cluster": node.cluster, "labels": dict(node.labels),
+        "taints": list(node.taints), "kernel_args": list(node.kernel_args),
+        "dynamic": node.dynamic,
+    }
+
+
+def _all_nodes(directory: NodeDirectory) -> list[dict[str, object]]:
+    """Configured nodes, then catch-all nodes holding an active lease."""
+    out = [_node_json(n) for n in directory.nodes]
+    for holder, ip, expires in directory.active_leases(time.time()):
+        out.append({**_node_json(holder.node), "ip": str(ip), "lease_expires": expires})
+    return out
+
+
+def _recorder(request: web.Request) -> Recorder:
+    recorder = request.app[RECORDER]
+    if recorder is None:
+        raise web.HTTPNotImplemented(text="bootd: no event recorder in this process\n")
+    return recorder
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS]
+    for name, provider in request.app[SETTINGS].get().tokens.items():
+        status = provider.status()
+        registry.token_failures.labels(name).set(status.failures)
+        registry.token_available.labels(name).set(1 if status.has_token else 0)
+    recorder = request.app[RECORDER]
+    if recorder is not None:
+        recorder.update_gauges()
+    return web.Response(body=generate_latest(registry.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@routes.get("/api/v1/nodes")
+async def nodes(request: web.Request) -> web.Response:
+    return web.json_response(_all_nodes(request.app[SETTINGS].get().directory))
+
+
+@routes.get("/api/v1/nodes/{name}")
+async def node_detail(request: web.Request) -> web.Response:
+    wanted = request.match_info["name"]
+    with contextlib.suppress(ValueError):  # a MAC in any spelling
+        wanted = normalize_mac(wanted)
+    for entry in _all_nodes(request.app[SETTINGS].get().directory):
+        macs = entry["macs"]
+        assert isinstance(macs, list)
+        if wanted in (entry["name"], entry["ip"], *macs):
+            return web.json_response(entry)
+    raise web.HTTPNotFound(text=f"no node {wanted!r}\n")
+
+
+@routes.get("/api/v1/tokens")
+async def tokens_status(request: web.Request) -> web.Response:
+    tokens = request.app[SETTINGS].get().tokens
+    return web.json_response({name: vars(p.status()) for name, p in tokens.items()})
+
+
+@routes.get("/api/v1/status")
+async def status(request: web.Request) -> web.Response:
+    """Every node seen or configured: where it is in its boot (see `bootd status`)."""
+    directory = request.app[SETTINGS].get().directory
+    return web.json_response(_recorder(request).status_document(directory.nodes))
+
+
+@routes.get("/api/v1/status/{node}")
+async def status_detail(request: web.Request) -> web.Response:
+    recorder = _recorder(request)
+    wanted = request.match_info["node"]
+    with contextlib.suppress(ValueError):
+        wanted = normalize_mac(wanted)
+    state = recorder.find(wanted)
+    if state is None:
+        raise web.HTTPNotFound(text=f"bootd: no boot events for {wanted!r}\n")
+    try:
+        attempts = max(1, int(request.query.get("attempts", "1")))
+    except ValueError:
+        raise web.HTTPBadRequest(text="bootd: attempts must be a number\n") from None
+    return web.json_response({"now": time.time(), **state.to_json(with_history=attempts)})
+
+
+@routes.post("/api/v1/reload")
+async def reload_config(request: web.Request) -> web.Response:
+    reload = request.app[RELOAD]
+    if reload is None:
+        raise web.HTTPNotImplemented(text="bootd: reload is not wired in this process\n")
+    result = reload()
+    return web.json_response({"ok": result.ok, "errors": result.errors,
+                              "restart_required": result.restart_required},
+                             status=200 if result.ok else 422)
+
+
+def admin_app(settings: View[AdminSettings], metrics: Metrics,
+              recorder: Recorder | None = None, reload: Reload | None = None,
+              ) -> web.Application:
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[RECORDER] = recorder
+    app[RELOAD] = reload
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,461 @@
+"""The boot network's HTTP app: what a booting node fetches, and nothing else.
+
+Everything here is reachable by any machine on the boot LAN, so it serves only what a
+booting node needs: iPXE and GRUB scripts, image files, boot files for UEFI HTTP boot,
+join scripts and cloud-init documents (only to the node's own address: they carry the
+cluster token), and the stage reports nodes POST. The admin API is another app
+(`bootd.http.admin`) on another listener.
+
+Scripts are rendered in memory per request (aiohttp's FileResponse costs a thread hop per
+file: fine for a 500 MB rootfs, wasteful for 1 KiB of text); files stream with sendfile.
+Each request reads the current runtime snapshot once (`BootSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from types import MappingProxyType
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
+
+from bootd.fleet.config import ClusterConfig, ImageConfig
+from bootd.fleet.directory import Holder, NodeDirectory
+from bootd.fleet.filetree import FileTree, Forbidden, NotFound
+from bootd.fleet.grub import GrubConfigs
+from bootd.fleet.images import PARTS, FileVersion, ImageHashes, image_path, version_of
+from bootd.fleet.inventory import NodeProfile
+from bootd.fleet.mac import mac_dashed, normalize_mac
+from bootd.fleet.render import (
+    cloud_meta_data,
+    cloud_network_config,
+    cloud_user_data,
+    cloud_vendor_data,
+    ipxe_generic,
+    ipxe_give_up,
+    ipxe_node,
+    join_script,
+)
+from bootd.fleet.tokens import TokenProvider
+from bootd.live import View
+from bootd.ops.metrics import Metrics
+from bootd.ops.ratelimit import TokenBucket
+from bootd.state import events
+from bootd.state.events import BootEvent
+from bootd.state.recorder import Recorder
+
+log = structlog.get_logger("bootd.http")
+
+EVENT_MAX_BYTES = 4096
+EVENT_RATE, EVENT_BURST = 5.0, 20.0  # per node: bursts of 20 reports, then 5 a second
+_STAGE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_TOKEN_LIKE = re.compile(r"\b[a-z0-9]{6}\.[a-z0-9]{16}\b")  # kubeadm bootstrap token
+# the boot event an image part's fetch is recorded as
+PART_STAGES = MappingProxyType({"kernel": events.KERNEL, "initrd": events.INITRD,
+                                "rootfs": events.ROOTFS})
+
+
+@dataclass(frozen=True)
+class BootSettings:
+    """What the boot network app takes from one config load."""
+
+    directory: NodeDirectory
+    url: str  # how nodes reach this app: http://<server.address>:<http_port>
+    images: Mapping[str, ImageConfig]
+    clusters: Mapping[str, ClusterConfig]
+    tokens: Mapping[str, TokenProvider]
+    hashes: ImageHashes  # shared across loads: a file version's hash never changes
+    files: FileTree
+    grub: GrubConfigs
+    ipxe_attempts: int
+    ipxe_retry_interval: int
+    domain: str | None
+
+    def image_versions(self) -> list[FileVersion]:
+        """The image files present now (hashed in the background at load)."""
+        paths = [image_path(image, part) for image in self.images.values() for part in PARTS]
+        return [v for p in paths if p is not None and (v := version_of(p)) is not None]
+
+
+SETTINGS = web.AppKey[View[BootSettings]]("settings")
+METRICS = web.AppKey("metrics", Metrics)
+RECORDER = web.AppKey[Recorder | None]("recorder")
+EVENT_LIMIT = web.AppKey("event_limit", TokenBucket)
+
+
+def _settings(request: web.Request) -> BootSettings:
+    return request.app[SETTINGS].get()
+
+
+def _event(request: web.Request, stage: str, node: NodeProfile | None, mac: str | None,
+           outcome: str = "ok", **detail: object) -> None:
+    """A boot event for `bootd status`; never carries secrets."""
+    recorder = request.app[RECORDER]
+    if recorder is None or (node is None and mac is None):
+        return
+    recorder.record(BootEvent(
+        time.time(), stage, node.name if node else None, mac, request.remote,
+        node.pool if node else None, outcome,
+        MappingProxyType({k: v for k, v in detail.items() if v is not None})))
+
+
+def _client_ip(request: web.BaseRequest) -> IPv4Address | None:
+    try:
+        return IPv4Address(request.remote) if request.remote else None
+    except ValueError:
+        return None
+
+
+def _holder(settings: BootSettings, request: web.BaseRequest) -> Holder | None:
+    client = _client_ip(request)
+    return settings.directory.holder_of(client, time.time()) if client else None
+
+
+def _mac_or_400(text: str) -> str:
+    try:
+        return normalize_mac(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"malformed MAC address {text!r}\n") from None
+
+
+def _node_fields(node: NodeProfile | None, mac: str | None = None) -> dict[str, object]:
+    if node is None:
+        return {"mac": mac} if mac else {}
+    return {"node": node.name, "mac": mac or node.macs[0], "pool": node.pool}
+
+
+routes = web.RouteTableDef()
+
+
+# ---------------------------------------------------------------------------- scripts
+
+
+@routes.get("/boot.ipxe")
+async def generic_script(request: web.Request) -> web.Response:
+    settings = _settings(request)
+    mac = request.query.get("mac")
+    if mac:
+        return await _node_script(settings, _mac_or_400(mac), request)
+    return web.Response(text=ipxe_generic(settings.url), content_type="text/plain")
+
+
+@routes.get("/nodes/{mac}/boot.ipxe")
+async def node_script(request: web.Request) -> web.Response:
+    return await _node_script(_settings(request), _mac_or_400(request.match_info["mac"]),
+                              request)
+
+
+async def _node_script(settings: BootSettings, mac: str, request: web.Request,
+                       ) -> web.Response:
+    def give_up(what: str) -> web.Response:
+        _event(request, events.REFUSED if node is None else events.IPXE_SCRIPT, node, mac,
+               "refused" if node is None else "error", reason=what)
+        try:
+            attempt = max(1, int(request.query.get("attempt", "1")))
+        except ValueError:
+            attempt = 1
+        text = ipxe_give_up(what, f"{settings.url}/nodes/{mac_dashed(mac)}/boot.ipxe",
+                            attempt, settings.ipxe_attempts, settings.ipxe_retry_interval)
+        return web.Response(text=text, content_type="text/plain")
+
+    node = settings.directory.resolve(mac)
+    if node is None:
+        log.warning("http ipxe-script unknown-mac", mac=mac, client=request.remote)
+        return give_up(f"{mac} is not in bootd's inventory and there is no catch-all pool")
+    image = settings.images.get(node.image) if node.image else None
+    if image is None:
+        log.warning("http ipxe-script no-image", **_node_fields(node, mac))
+        return give_up(f"no image is configured for {node.name}")
+    missing = [str(p) for p in (image.kernel, image.initrd) if version_of(p) is None]
+    if missing:
+        log.error("http ipxe-script image-missing", **_node_fields(node, mac), missing=missing)
+        return give_up(f"image {node.image} for {node.name} is missing on the server: "
+                       + ", ".join(missing))
+    rootfs_sha = None
+    if image.rootfs is not None and (version := version_of(image.rootfs)) is not None:
+        rootfs_sha = await settings.hashes.sha256(version)
+    log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
+    _event(request, events.IPXE_SCRIPT, node, mac, image=node.image)
+    return web.Response(text=ipxe_node(node, mac, image, settings.url, rootfs_sha),
+                        content_type="text/plain")
+
+
+@routes.get("/nodes/{mac}/grub.cfg")
+async def grub_config(request: web.Request) -> web.Response:
+    mac = _mac_or_400(request.match_info["mac"])
+    return web.Response(text=_settings(request).grub.for_mac(mac), content_type="text/plain")
+
+
+@routes.get("/nodes/{mac}/beacon")
+async def beacon(request: web.Request) -> web.Response:
+    mac = _mac_or_400(request.match_info["mac"])
+    node = _settings(request).directory.resolve(mac)
+    log.info("http kernel-handoff", **_node_fields(node, mac), client=request.remote)
+    _event(request, events.KERNEL_HANDOFF, node, mac)
+    return web.Response(text="bootd: kernel handed control\n", content_type="text/plain")
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _image_version(settings: BootSettings, name: str, part: str) -> FileVersion:
+    """The current version of a configured image file, or 404 saying what is wrong."""
+    image = settings.images.get(name)
+    path = image_path(image, part) if image is not None and part in PARTS else None
+    if path is None:
+        raise web.HTTPNotFound(text=f"no image file {name}/{part}\n")
+    version = version_of(path)
+    if version is None:
+        log.error("http image file missing", image=name, part=part, path=str(path))
+        raise web.HTTPNotFound(text=f"{name}/{part} is configured but {path} is missing\n")
+    return version
+
+
+@routes.get("/images/{image}/{part}.sha256")
+async def image_sha256(request: web.Request) -> web.Response:
+    settings = _settings(request)
+    name, part = request.match_info["image"], request.match_info["part"]
+    digest = await settings.hashes.sha256(_image_version(settings, name, part))
+    return web.Response(text=f"{digest}  {part}\n", content_type="text/plain")
+
+
+@routes.get("/images/{image}/{part}")  # HEAD too
+async def image_file(request: web.Request) -> web.StreamResponse:
+    settings = _settings(request)
+    name, part = request.match_info["image"], request.match_info["part"]
+    version = _image_version(settings, name, part)
+    response = _ImageResponse(version.path, settings, name, part,
+                              _honour_if_range(request, version))
+    digest = settings.hashes.cached(version)
+    if digest is not None:
+        response.headers["X-Checksum-Sha256"] = digest
+    return response
+
+
+def _honour_if_range(request: web.Request, version: FileVersion) -> web.Request:
+    """aiohttp reads If-Range only as a date; an entity tag there would be ignored and a
+    node resuming a replaced image would get a 206 of the new file spliced onto the old.
+    A non-matching tag drops the Range, so the whole new file is sent (RFC 9110 13.1.5)."""
+    tag = request.headers.get("If-Range", "")
+    is_tag = tag.startswith('"') or tag.startswith("W/")
+    if "Range" in request.headers and is_tag and tag != version.etag:
+        headers = CIMultiDict(request.headers)
+        del headers["Range"]
+        return request.clone(headers=headers)
+    return request
+
+
+class _ImageResponse(web.FileResponse):
+    """sendfile with Range/ETag from aiohttp; records the fetch once the body is sent."""
+
+    def __init__(self, path: Path, settings: BootSettings, image: str, part: str,
+                 request: web.Request) -> None:
+        super().__init__(path, chunk_size=256 * 1024)
+        self._settings, self._image, self._part = settings, image, part
+        self._effective = request  # the request as we decided to answer it
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        started = time.monotonic()
+        try:
+            return await super().prepare(self._effective)
+        finally:
+            if request.method == "GET":
+                self._record(self._effective, time.monotonic() - started)
+
+    def _record(self, request: web.Request, duration: float) -> None:
+        sent = self.content_length or 0
+        found = _holder(self._settings, request)
+        request.app[METRICS].http_image_bytes.labels(self._part).inc(sent)
+        if found is not None:
+            _event(request, PART_STAGES[self._part], found.node, found.mac,
+                   "ok" if self.status < 400 else "error", image=self._image, bytes=sent,
+                   status=self.status, range=request.headers.get("Range"),
+                   duration=round(duration, 4))
+        log.info(f"http {self._part}", image=self._image, status=self.status, bytes=sent,
+                 range=request.headers.get("Range"), client=request.remote,
+                 duration_s=round(duration, 4),
+                 **(_node_fields(found.node, found.mac) if found else {}))
+
+
+@routes.get("/boot/{path:.+}")
+async def boot_file(request: web.Request) -> web.StreamResponse:
+    """Boot-file-tree files over HTTP, for UEFI HTTP boot: same names and rules as TFTP;
+    files stream with sendfile, rendered ones from memory."""
+    settings = _settings(request)
+    client = _client_ip(request) or IPv4Address(0)
+    try:
+        found = settings.files.locate(request.match_info["path"], client, time.time())
+    except NotFound as exc:
+        raise web.HTTPNotFound(text=f"{exc}\n") from None
+    except Forbidden as exc:
+        raise web.HTTPForbidden(text=f"{exc}\n") from None
+    if isinstance(found, bytes):
+        return web.Response(body=found, content_type="text/plain")
+    return web.FileResponse(found, headers={"Content-Type": "application/octet-stream"})
+
+
+# ---------------------------------------------------------------------------- secrets
+
+
+def _secret_material(request: web.Request, mac: str, what: str,
+                     ) -> tuple[NodeProfile, ClusterConfig | None, str | None]:
+    """Node, cluster and token for a secret-bearing document: only to a request from the
+    node's own address (403 otherwise), and 503 while the cluster has no token yet."""
+    settings = _settings(request)
+    node = settings.directory.resolve(mac)
+    client = _client_ip(request)
+    own = settings.directory.address_of(node, mac, time.time()) if node else None
+    if node is None or client is None or own != client:
+        refused = ("unknown MAC" if node is None
+                   else f"request from {client}, node address is {own or 'not leased'}")
+        request.app[METRICS].http_refusals.labels(what).inc()
+        log.warning(f"http {what} refused", mac=mac, client=request.remote, reason=refused)
+        _event(request, events.REFUSED, node, mac, "refused", reason=f"{what}: {refused}")
+        raise web.HTTPForbidden(text=f"bootd: {what} is served only to its node\n")
+    cluster = settings.clusters.get(node.cluster) if node.cluster else None
+    token = None
+    if cluster is not None and node.cluster is not None:
+        provider = settings.tokens.get(node.cluster)
+        token = provider.token() if provider is not None else None
+        if token is None:
+            log.error(f"http {what} no-token", **_node_fields(node, mac))
+            raise web.HTTPServiceUnavailable(
+                text=f"bootd: no join token for cluster {node.cluster} yet\n")
+    log.info(f"http {what}", **_node_fields(node, mac), client=request.remote)
+    _event(request, events.JOIN_SCRIPT, node, mac, via=what)
+    return node, cluster, token
+
+
+@routes.get("/nodes/{mac}/join.sh")
+async def join(request: web.Request) -> web.Response:
+    mac = _mac_or_400(request.match_info["mac"])
+    node, cluster, token = _secret_material(request, mac, "join-script")
+    return web.Response(text=join_script(node, mac, _settings(request).url, cluster, token),
+                        content_type="text/x-shellscript", headers={"Cache-Control": "no-store"})
+
+
+@routes.get("/cloud-init/{mac}/{doc}")
+async def cloud_init(request: web.Request) -> web.Response:
+    """NoCloud datasource: ds=nocloud;s=http://<bootd>/cloud-init/<mac>/"""
+    settings = _settings(request)
+    mac = _mac_or_400(request.match_info["mac"])
+    doc = request.match_info["doc"]
+    if doc == "user-data":
+        node, cluster, token = _secret_material(request, mac, "cloud-init-user-data")
+        text = cloud_user_data(node, mac, settings.url, cluster, token, settings.domain)
+        return web.Response(text=text, content_type="text/cloud-config",
+                            headers={"Cache-Control": "no-store"})
+    if doc == "vendor-data":
+        return web.Response(text=cloud_vendor_data(), content_type="text/cloud-config")
+    found = settings.directory.resolve(mac)
+    if found is None:
+        raise web.HTTPNotFound(text=f"bootd: {mac} is not in the inventory\n")
+    if doc == "meta-data":
+        return web.Response(text=cloud_meta_data(found, mac), content_type="text/plain")
+    if doc == "network-config":
+        return web.Response(text=cloud_network_config(found), content_type="text/plain")
+    raise web.HTTPNotFound(text=f"bootd: no cloud-init document {doc!r}\n")
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+@routes.post("/api/v1/events")
+async def node_event(request: web.Request) -> web.Response:
+    """A stage a node reports about itself: from its own address only, small, limited."""
+    found = _holder(_settings(request), request)
+    metrics = request.app[METRICS]
+    if found is None:
+        metrics.http_refusals.labels("event").inc()
+        log.warning("http event refused", client=request.remote, reason="not a node address")
+        raise web.HTTPForbidden(text="bootd: events are accepted only from a node's address\n")
+    if (request.content_length or 0) > EVENT_MAX_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=EVENT_MAX_BYTES,
+                                            actual_size=request.content_length or 0)
+    if not request.app[EVENT_LIMIT].allow(str(request.remote), time.monotonic()):
+        raise web.HTTPTooManyRequests(text="bootd: slow down\n")
+    raw = await request.content.read(EVENT_MAX_BYTES + 1)
+    if len(raw) > EVENT_MAX_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=EVENT_MAX_BYTES, actual_size=len(raw))
+    try:
+        body = json.loads(raw)
+        stage = str(body["stage"])
+        message = str(body.get("message", ""))[:500]
+    except (ValueError, KeyError, TypeError):
+        raise web.HTTPBadRequest(
+            text='bootd: expected {"stage": ..., "message": ...}\n') from None
+    if not _STAGE.match(stage):
+        raise web.HTTPBadRequest(text=f"bootd: bad stage {stage[:40]!r}\n")
+    message = _TOKEN_LIKE.sub("<token>", message)  # a node's own report may echo its token
+    metrics.node_events.labels(stage).inc()
+    log.info(f"node {stage}", **_node_fields(found.node, found.mac), message=message,
+             client=request.remote)
+    _event(request, stage, found.node, found.mac, "error" if stage == events.FAILED else "ok",
+           message=message or None, reported=True)
+    return web.Response(status=204)
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+async def keep_fresh(settings: BootSettings) -> None:
+    """One snapshot's background work until cancelled: its join tokens refreshed, and its
+    image files hashed now rather than on the first boot that needs them."""
+    async def hash_one(version: FileVersion) -> None:
+        try:
+            await settings.hashes.sha256(version)
+        except OSError as exc:  # replaced or removed since: hashed when next asked for
+            log.warning("image hash failed", path=str(version.path), error=str(exc))
+
+    tasks = [asyncio.create_task(p.run()) for p in settings.tokens.values()]
+    tasks += [asyncio.create_task(hash_one(v)) for v in settings.image_versions()]
+    try:
+        await asyncio.gather(*tasks)
+        await asyncio.get_running_loop().create_future()  # hold until cancelled
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the current snapshot's background work, moved to each new one."""
+    view = app[SETTINGS]
+
+    async def follow() -> None:
+        while True:
+            current = asyncio.create_task(keep_fresh(view.get()))
+            try:
+                await view.changed()
+            finally:
+                current.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await current
+
+    task = asyncio.create_task(follow())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def boot_app(settings: View[BootSettings], metrics: Metrics,
+             recorder: Recorder | None = None) -> web.Application:
+    app = web.Application(client_max_size=EVENT_MAX_BYTES * 4)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[RECORDER] = recorder
+    app[EVENT_LIMIT] = TokenBucket(EVENT_RATE, EVENT_BURST, 65536)
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_background)
+    return app

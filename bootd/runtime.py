@@ -1,0 +1,176 @@
+"""The runtime snapshot: everything derived from one config load, built whole, swapped whole.
+
+Rules:
+
+1. A snapshot is built from a validated `Config` and nothing else it could go stale
+   against: the node directory (with the catch-all leases read back from the store), the
+   DHCP context, the TFTP settings and file tree, the boot network's and the admin API's
+   settings, the events policy.
+2. It is frozen. Nothing patches a snapshot; a reload builds a new one off to the side
+   and swaps the one `Live` reference that DHCP, TFTP and HTTP read per request.
+3. A build that fails changes nothing: the running snapshot stays.
+4. Settings bound to sockets at start-up (interfaces, ports, api, state_dir, single-port
+   TFTP) keep their running values in every later snapshot and are reported as needing a
+   restart when the file changes them.
+5. What must outlive a load is passed in, not rebuilt: the image hash cache (a file
+   version's hash never changes) and the join-token providers while `clusters:` is
+   unchanged (so a reload does not re-run `kubeadm token create`).
+6. Work in flight keeps the snapshot it started with (a TFTP transfer its file and
+   limits, an HTTP request the settings it read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from bootd.dhcp.decide import DhcpContext, DhcpSettings
+from bootd.fleet.config import Config, ConfigError, load_config
+from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.filetree import FileTree
+from bootd.fleet.grub import GrubConfigs
+from bootd.fleet.images import ImageHashes
+from bootd.fleet.inventory import Inventory
+from bootd.fleet.render import base_url
+from bootd.fleet.tokens import TokenProvider, providers
+from bootd.http.admin import AdminSettings, ReloadResult
+from bootd.http.boot import BootSettings
+from bootd.live import Live
+from bootd.ops.metrics import Metrics
+from bootd.state.leases import LeaseTable
+from bootd.state.recorder import EventPolicy, Recorder
+from bootd.state.store import Store
+from bootd.tftp.protocol import Limits
+from bootd.tftp.server import TftpSettings
+
+log = structlog.get_logger("bootd")
+
+# Settings bound to sockets or files at start-up: a reload reports them, a restart applies.
+RESTART_ONLY = ("interfaces", "dhcp_port", "tftp_port", "http_port", "api", "state_dir")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config
+    directory: NodeDirectory
+    dhcp: DhcpContext
+    tftp: TftpSettings
+    boot: BootSettings
+    admin: AdminSettings
+    events: EventPolicy
+
+
+def interface_mtu(name: str) -> int | None:
+    try:
+        return int(Path(f"/sys/class/net/{name}/mtu").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tftp_limits(config: Config) -> Limits:
+    """Block size capped so one DATA packet fits the smallest interface MTU."""
+    t = config.tftp
+    max_blksize = t.max_blksize
+    if max_blksize is None:
+        mtus = [m for m in map(interface_mtu, config.server.interfaces) if m]
+        max_blksize = max(512, min(mtus, default=1500) - 32)  # IP 20 + UDP 8 + TFTP 4
+    return Limits(max_blksize=max_blksize, max_windowsize=t.max_windowsize,
+                  initial_timeout=t.timeout, max_timeout=max(8.0, t.timeout),
+                  max_retries=t.retries)
+
+
+def restore_leases(inventory: Inventory, store: Store) -> LeaseTable | None:
+    """The catch-all range's lease table, read back from the store (None without one)."""
+    pool = inventory.catch_all
+    if pool is None:
+        return None
+    leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips)
+    kept = leases.restore(store.load_leases())
+    log.info("leases restored", count=kept, range=f"{pool.first}-{pool.last}")
+    return leases
+
+
+def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
+                   tokens: dict[str, TokenProvider] | None = None) -> Snapshot:
+    """`tokens`: providers to keep (the running ones, when `clusters:` did not change)."""
+    inventory = Inventory(config)
+    directory = NodeDirectory(inventory, restore_leases(inventory, store))
+    server = config.server
+    grub = GrubConfigs(directory, config.images, str(server.address), server.http_port)
+    files = FileTree(config.tftp.root, config.tftp.fallback_dirs, grub)
+    tokens = tokens if tokens is not None else providers(config.clusters)
+    return Snapshot(
+        config=config,
+        directory=directory,
+        dhcp=DhcpContext(directory, DhcpSettings.from_config(config)),
+        tftp=TftpSettings(files, tftp_limits(config), config.tftp.max_transfers, directory),
+        boot=BootSettings(
+            directory=directory, url=base_url(str(server.address), server.http_port),
+            images=config.images, clusters=config.clusters, tokens=tokens, hashes=hashes,
+            files=files, grub=grub, ipxe_attempts=config.ipxe.attempts,
+            ipxe_retry_interval=int(config.ipxe.retry_interval),
+            domain=config.network.domain),
+        admin=AdminSettings(directory, tokens),
+        events=EventPolicy(config.events.stall_after, config.events.keep_attempts),
+    )
+
+
+class Runtime:
+    """The live snapshot and what a reload needs to build the next one; plus the state
+    that outlives every snapshot (store, recorder, metrics)."""
+
+    def __init__(self, config_path: Path, config: Config, store: Store,
+                 metrics: Metrics) -> None:
+        self.config_path = config_path
+        self.store = store
+        self.metrics = metrics
+        self.hashes = ImageHashes()
+        self.live = Live(build_snapshot(config, store, hashes=self.hashes))
+        self._count_leases(self.live.current)
+        self.recorder = Recorder(store, lambda: self.live.current.events, metrics=metrics)
+        log.info("boot events restored", count=self.recorder.load())
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.live.current
+
+    def reload(self) -> ReloadResult:
+        """Re-read the config file; a valid one applies to new requests, an invalid one is
+        refused with the same errors as `bootd check` and the running snapshot stays."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            return self._refuse([str(issue) for issue in exc.issues])
+        old = self.snapshot.config
+        restart = [f"server.{key}" for key in RESTART_ONLY
+                   if getattr(new.server, key) != getattr(old.server, key)]
+        if new.tftp.single_port != old.tftp.single_port:
+            restart.append("tftp.single_port")
+        new = new.model_copy(update={
+            "server": new.server.model_copy(
+                update={key: getattr(old.server, key) for key in RESTART_ONLY}),
+            "tftp": new.tftp.model_copy(update={"single_port": old.tftp.single_port}),
+        })
+        kept = dict(self.snapshot.boot.tokens) if new.clusters == old.clusters else None
+        try:
+            snapshot = build_snapshot(new, self.store, hashes=self.hashes, tokens=kept)
+        except Exception as exc:  # e.g. the store cannot be read: keep what runs
+            return self._refuse([f"cannot build the new runtime: {exc}"])
+        self.live.swap(snapshot)
+        self._count_leases(snapshot)
+        self.metrics.reloads.labels("applied").inc()
+        log.info("config reloaded", nodes=len(snapshot.directory.nodes),
+                 restart_required=restart or None)
+        return ReloadResult(True, [], restart)
+
+    def _refuse(self, errors: list[str]) -> ReloadResult:
+        for line in errors:
+            log.error("config reload refused", error=line)
+        self.metrics.reloads.labels("refused").inc()
+        return ReloadResult(False, errors, [])
+
+    def _count_leases(self, snapshot: Snapshot) -> None:
+        leases = snapshot.directory.leases
+        self.metrics.dhcp_leases.set(len(leases) if leases is not None else 0)

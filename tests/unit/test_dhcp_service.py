@@ -1,0 +1,132 @@
+"""The DHCP service: bytes in, bytes out; outcomes become logs, metrics and events by
+type; nothing is sent that the store does not have."""
+
+from __future__ import annotations
+
+import textwrap
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from bootd.dhcp.decide import DhcpContext, DhcpSettings
+from bootd.dhcp.options import Opt
+from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
+from bootd.dhcp.service import DhcpService
+from bootd.fleet.config import parse_config
+from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.inventory import Inventory
+from bootd.fleet.mac import mac_to_bytes
+from bootd.ops.metrics import Metrics
+from bootd.state.leases import LeaseTable
+from bootd.state.recorder import EventPolicy, Recorder
+from bootd.state.store import Store
+
+CONFIG = textwrap.dedent("""\
+    server: {interfaces: [br0], address: 10.0.0.1}
+    network: {subnet: 10.0.0.0/24}
+    pools:
+      - name: w
+        nodes: [{name: n1, mac: "02:00:00:00:00:01", ip: 10.0.0.5}]
+    """)
+CATCH_ALL = CONFIG + "  - name: any\n    dynamic: {range: 10.0.0.100-10.0.0.110}\n"
+
+
+def context(text: str) -> DhcpContext:
+    cfg = parse_config(text)
+    inv = Inventory(cfg)
+    pool = inv.catch_all
+    leases = LeaseTable(pool.first, pool.last, inv.reserved_ips) if pool else None
+    return DhcpContext(NodeDirectory(inv, leases), DhcpSettings.from_config(cfg))
+
+
+def packet(mtype: MessageType, mac: str, **options: bytes) -> bytes:
+    opts = {Opt.MESSAGE_TYPE: bytes((mtype,))}
+    opts.update({int(Opt[k]): v for k, v in options.items()})
+    return encode(DhcpPacket(op=BOOTREQUEST, xid=1, chaddr=mac_to_bytes(mac), flags=0x8000,
+                             options=opts))
+
+
+def service(tmp: Path, text: str = CONFIG, recorder: Recorder | None = None) -> DhcpService:
+    ctx = context(text)
+    return DhcpService(lambda: ctx, Store(tmp / "s.sqlite3"), Metrics(), recorder)
+
+
+def unknown_warnings(logs: list[dict[str, object]]) -> list[object]:
+    return [e.get("mac") for e in logs if e["event"] == "dhcp unknown-mac"]
+
+
+def test_unknown_mac_is_logged_once_a_minute_per_mac(tmp_path: Path) -> None:
+    """Every unknown MAC gets its own line (REQUESTs too), each at most once a minute."""
+    svc = service(tmp_path)
+    a, b = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
+    wanted = IPv4Address("10.0.0.50").packed
+    with capture_logs() as logs:
+        for mac in (a, b, a, b):
+            assert svc.handle(packet(MessageType.REQUEST, mac, REQUESTED_IP=wanted),
+                              "br0", 100.0) is None
+        assert svc.handle(packet(MessageType.DISCOVER, a), "br0", 130.0) is None
+        svc.handle(packet(MessageType.REQUEST, a, REQUESTED_IP=wanted), "br0", 161.0)
+    assert unknown_warnings(logs) == [a, b, a]
+
+
+def test_reply_is_encoded_here_and_unicast_by_hardware_address(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    raw = encode(DhcpPacket(op=BOOTREQUEST, xid=9, chaddr=mac_to_bytes("02:00:00:00:00:01"),
+                            options={Opt.MESSAGE_TYPE: bytes((MessageType.DISCOVER,))}))
+    out = svc.handle(raw, "br0", 0.0)
+    assert out is not None and out.dest == IPv4Address("10.0.0.5") and out.port == 68
+    assert out.hw_unicast_to == mac_to_bytes("02:00:00:00:00:01")
+    reply = decode(out.payload)
+    assert reply.xid == 9 and reply.message_type is MessageType.OFFER
+
+
+def test_malformed_is_counted_and_dropped(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    assert svc.handle(b"\x01\x01" + b"\x00" * 30, "br0", 0.0) is None
+    assert svc.metrics.dhcp_packets.labels("malformed")._value.get() == 1
+
+
+def test_ack_is_withheld_when_the_store_fails_and_the_lease_is_kept(tmp_path: Path) -> None:
+    svc = service(tmp_path, CATCH_ALL)
+    mac = "52:54:00:00:00:01"
+    offer = svc.handle(packet(MessageType.DISCOVER, mac), "br0", 0.0)
+    assert offer is not None
+    ip = decode(offer.payload).yiaddr
+    request = packet(MessageType.REQUEST, mac, REQUESTED_IP=ip.packed,
+                     SERVER_ID=IPv4Address("10.0.0.1").packed)
+    real = svc.store
+    broken = Store(tmp_path / "s.sqlite3")
+    broken.close()  # every write now fails
+    svc.store = broken
+    with capture_logs() as logs:
+        assert svc.handle(request, "br0", 1.0) is None
+    assert any(e["event"].startswith("dhcp lease store write failed") for e in logs)
+    svc.store = real
+    ack = svc.handle(request, "br0", 2.0)  # retried: the queued binding is written first
+    assert ack is not None and decode(ack.payload).message_type is MessageType.ACK
+    assert [lease.ip for lease in real.load_leases()] == [ip]
+
+
+@pytest.mark.parametrize("text", [CONFIG, CATCH_ALL])
+def test_events_follow_outcome_types(tmp_path: Path, text: str) -> None:
+    recorder = Recorder(None, EventPolicy(600, 5))
+    svc = service(tmp_path, text, recorder)
+    mac = "02:00:00:00:00:01"
+    arch = {"CLIENT_ARCH": b"\x00\x07", "VENDOR_CLASS": b"PXEClient:Arch:00007:UNDI:003000"}
+    svc.handle(packet(MessageType.DISCOVER, mac, **arch), "br0", 10.0)
+    svc.handle(packet(MessageType.REQUEST, mac, REQUESTED_IP=IPv4Address("10.0.0.5").packed,
+                      SERVER_ID=IPv4Address("10.0.0.1").packed, **arch), "br0", 11.0)
+    svc.handle(packet(MessageType.REQUEST, mac, REQUESTED_IP=IPv4Address("10.0.0.9").packed),
+               "br0", 12.0)
+    svc.handle(packet(MessageType.DISCOVER, "52:54:00:00:00:99"), "br0", 13.0)
+    state = recorder.state("n1")
+    assert state is not None
+    steps = [(s.stage, s.outcome, s.detail.get("firmware")) for s in state.history[-1].steps]
+    assert steps == [("dhcp-discover", "ok", "efi64"), ("dhcp-offer", "ok", "efi64"),
+                     ("dhcp-ack", "ok", "efi64"), ("dhcp-nak", "error", None)]
+    stranger = recorder.state("node-52-54-00-00-00-99") or recorder.state("52:54:00:00:00:99")
+    assert stranger is not None
+    expected = "refused" if text == CONFIG else "dhcp-offer"
+    assert stranger.stage == expected
