@@ -1,4 +1,8 @@
-"""`bootd` command line: serve, check, lab (more subcommands arrive with their issues)."""
+"""`bootd` command line: serve the fleet, ask the daemon, and try things out.
+
+Daemon: serve, reload. Fleet and boots: check, explain, nodes, status. Diagnosis: probe.
+Demo: lab.
+"""
 
 from __future__ import annotations
 
@@ -258,6 +262,15 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    import importlib
+
+    for client in ("scapy.layers.dhcp", "tftpy"):  # imported late by the probe's steps
+        try:
+            importlib.import_module(client)
+        except ImportError as exc:
+            print(f"bootd probe: cannot import {client} ({exc}); it comes with bootd's "
+                  "dependencies: pip install scapy tftpy", file=sys.stderr)
+            return 2
     from bootd.cli.probe import probe
 
     try:

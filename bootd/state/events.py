@@ -1,8 +1,27 @@
 """Boot events and what they say about a node: attempts, current stage, stalls, timings.
 
-Pure: events in, state out; time is a parameter. The daemon records every step it sees
-(DHCP, TFTP, each HTTP fetch, beacons, refusals) and what nodes report themselves, and
-`bootd status` is this module applied to those events.
+Theory of operation
+-------------------
+
+bootd records every step of a boot it sees (DHCP from the service's typed outcomes, each
+TFTP transfer, each HTTP fetch, the beacon iPXE fetches just before the kernel, refusals)
+and every stage a node reports itself. `bootd status` is this module applied to them:
+events in, state out, with `now` as a parameter and no I/O.
+
+Rules:
+
+1. Events are keyed on the node's name, else on the MAC (an unknown machine).
+2. An attempt is the run of events from one boot. A DISCOVER starts a new attempt when
+   the last one finished (`joined` or `failed`), when nothing happened for `stall_after`,
+   or when it comes from firmware after the node had reached its kernel (it rebooted).
+   Any other event belongs to the current attempt.
+3. A node's stage is the last `joined`/`failed` of its current attempt if there is one
+   (lease renewals after joining do not move it back), else its latest step; refusals
+   do not count as progress.
+4. A node is stalled when its current attempt has not finished and nothing happened for
+   `stall_after`.
+5. A step's duration is the time to the next step; a boot's time is its attempt's first
+   to last event, counted only for attempts that reached `joined`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SQLite state under `server.state_dir`: leases now, boot events later. One writer.
+"""SQLite state under `server.state_dir`: catch-all leases and boot events. One writer.
 
 WAL with synchronous=NORMAL: a commit survives the process being killed (kill -9, OOM),
 which is what "a restart loses no lease" needs, at tens of microseconds per commit.

@@ -4,7 +4,7 @@
 Shaped like aioquic's QuicConnection: `receive_datagram(data, now)`,
 `datagrams_to_send()`, `get_timer()`, `handle_timer(now)`, `next_event()`. No sockets, no
 clock reads: retransmission and timeouts are unit-tested by passing `now`. Our own rather
-than tftpy's because tftpy has no windowsize and is thread-based (see DESIGN.md).
+than tftpy's because tftpy has no windowsize (RFC 7440) and is thread-based.
 """
 
 from __future__ import annotations

@@ -103,7 +103,9 @@ def test_unknown_mac_without_catch_all_gets_nothing(dhcp_lab: DhcpLab) -> None:
     assert dhcp_lab.udhcpc(tries=2) is None
     unknown = [e for e in daemon.events() if e.get("event") == "dhcp unknown-mac"]
     assert len(unknown) == 1, "unknown MACs are logged once per interval, not per packet"
-    assert "52:54:00:aa:bb:cc" in str(unknown[0]["detail"])
+    assert unknown[0]["mac"] == "52:54:00:aa:bb:cc"
+    assert unknown[0]["message"] == "DISCOVER" and "no catch-all pool" in str(
+        unknown[0]["detail"])
 
 
 def test_leases_survive_kill_and_restart(dhcp_lab: DhcpLab) -> None:

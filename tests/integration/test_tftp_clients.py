@@ -121,6 +121,37 @@ def test_ipxe_binary_falls_back_to_system_directory(tftp_lab: DhcpLab) -> None:
     assert sha(out) == sha(system)
 
 
+def test_debian_ipxe_efi_symlink_is_served_from_the_fallback_dir(tftp_lab: DhcpLab) -> None:
+    """Debian's ipxe package makes /usr/lib/ipxe/ipxe.efi a symlink to /boot/ipxe.efi. The
+    default fallback directory is followed wherever its package links point (bootd once
+    answered this with an access violation); the root's own escaping link stays refused.
+    Over the wire with curl and tftp-hpa, and over HTTP /boot/ for UEFI HTTP boot."""
+    require("curl", "tftp")
+    link = Path("/usr/lib/ipxe/ipxe.efi")
+    if not link.is_symlink() or not link.resolve().is_file():
+        pytest.skip("Debian's ipxe package (ipxe.efi -> /boot/ipxe.efi) is not installed")
+    assert not link.resolve().is_relative_to("/usr/lib/ipxe")  # the layout under test
+    serve(tftp_lab)  # fallback_dirs left at its default, [/usr/lib/ipxe]
+    expected = sha(link.resolve())
+    out = tftp_lab.tmp / "curl-ipxe.efi"
+    proc = run(tftp_lab, ["curl", "-sS", "--max-time", "30", "--tftp-blksize", "1468",
+                          "-o", str(out), f"tftp://{SERVER_IP}/ipxe.efi"])
+    assert proc.returncode == 0, proc.stderr
+    assert sha(out) == expected
+    out = tftp_lab.tmp / "hpa-ipxe.efi"
+    proc = run(tftp_lab, ["tftp", "-m", "binary", SERVER_IP, "-c", "get", "ipxe.efi", str(out)])
+    assert proc.returncode == 0 and sha(out) == expected, proc.stderr
+    out = tftp_lab.tmp / "http-ipxe.efi"
+    proc = run(tftp_lab, ["curl", "-sS", "--fail", "--max-time", "30", "-o", str(out),
+                          f"http://{SERVER_IP}:8080/boot/ipxe.efi"])
+    assert proc.returncode == 0 and sha(out) == expected, proc.stderr
+    escape = run(tftp_lab, ["curl", "-sS", "--max-time", "10", "-o", "/dev/null",
+                            f"tftp://{SERVER_IP}/escape"])
+    assert escape.returncode == 69  # curl: TFTP access violation
+    done = [(e["file"], e["outcome"]) for e in transfers(tftp_lab)]
+    assert done.count(("ipxe.efi", "ok")) == 2 and ("escape", "error") in done
+
+
 def test_grub_per_mac_config_over_tftp(tftp_lab: DhcpLab) -> None:
     require("curl")
     serve(tftp_lab)
