@@ -1,8 +1,8 @@
 """Sans-I/O BOOTP/DHCP codec (RFC 951, 2131, 2132, 3396, 3004, 3046, 4578).
 
 Our own rather than scapy's: scapy needs ~96 us to parse and ~172 us to build one DHCP
-packet (measured on this project's machine kind), which caps a core near 1,800 exchanges/s before any
-logic; this struct-based codec does either in a few microseconds. scapy stays in the test
+packet (measured on this project's machine kind), which caps a core near 1,800
+exchanges/s before any logic; this struct-based codec does either in a few microseconds. scapy stays in the test
 suite as the independent peer our bytes must agree with.
 """
 
