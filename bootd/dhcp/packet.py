@@ -2,8 +2,9 @@
 
 Our own rather than scapy's: scapy needs ~96 us to parse and ~172 us to build one DHCP
 packet (measured on this project's machine kind), which caps a core near 1,800
-exchanges/s before any logic; this struct-based codec does either in a few microseconds. scapy stays in the test
-suite as the independent peer our bytes must agree with.
+exchanges/s before any logic; this struct-based codec does either in a few
+microseconds. scapy stays as the independent peer our bytes must agree with (tests) and
+as `bootd probe`'s client.
 """
 
 from __future__ import annotations
