@@ -91,6 +91,10 @@ class TokenProvider:
             await proc.wait()
             self._fail(f"token command timed out after {self.config.timeout:g}s")
             return False
+        except asyncio.CancelledError:  # shutdown, or a reload moved on: leave no orphan
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            raise
         text = out.decode(errors="replace").strip().splitlines()
         if proc.returncode != 0 or not text:
             detail = err.decode(errors="replace").strip()[-200:]

@@ -54,3 +54,13 @@ def test_serve_on_missing_interface_exits_1(tmp_path: Path,
                    f"state_dir: {tmp_path / 'state'}}}\nnetwork: {{subnet: 10.0.0.0/24}}\n")
     assert main(["serve", "-c", str(cfg), "--log-format", "json"]) == 1
     assert "cannot listen for DHCP on nosuchif0:6767" in capsys.readouterr().err
+
+
+def test_probe_without_its_client_libraries_says_so_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tftpy", None)  # as if it were not installed
+    assert main(["probe", "-i", "lo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot import tftpy" in err and "Traceback" not in err

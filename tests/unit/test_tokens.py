@@ -64,3 +64,24 @@ async def test_command_with_no_output_fails() -> None:
     p = TokenProvider("c", TokenConfig(command="true"))
     assert not await p.refresh_command()
     assert "no output" in str(p.last_error)
+
+
+async def test_a_provider_kept_across_a_reload_does_not_refetch_a_fresh_token(
+        tmp_path: Path) -> None:
+    """run() is started again for each runtime snapshot; a token younger than `refresh`
+    must not make the command (kubeadm token create) run again at once."""
+    import asyncio
+
+    runs = tmp_path / "runs"
+    p = TokenProvider("c", TokenConfig(command=f"echo x >> {runs}; echo abcdef.0123456789abcdef",
+                                       refresh=3600))
+    first = asyncio.create_task(p.run())
+    for _ in range(100):
+        if p.token() is not None:
+            break
+        await asyncio.sleep(0.02)
+    first.cancel()  # the reload: this snapshot's background work ends ...
+    second = asyncio.create_task(p.run())  # ... and the next snapshot's starts
+    await asyncio.sleep(0.3)
+    second.cancel()
+    assert runs.read_text().count("x") == 1 and p.token() == "abcdef.0123456789abcdef"
