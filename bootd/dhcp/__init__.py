@@ -1,1 +1,3 @@
-"""DHCP responder: sans-I/O codec and decision logic, plus a thin asyncio transport."""
+"""DHCP responder: the sans-I/O codec and decision (`packet`, `options`, `bootfile`,
+`decide`, `outcomes`), the service that owns one datagram's whole path (`service`), and a
+thin asyncio transport that only moves bytes (`transport`)."""

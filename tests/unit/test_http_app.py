@@ -213,6 +213,24 @@ async def test_boot_files_over_http(boot: TestClient[web.Request, web.Applicatio
     assert leak.status in (403, 404) and "SECRET" not in await leak.text()
 
 
+async def test_boot_files_stream_like_images(boot: TestClient[web.Request, web.Application],
+                                             tree: Path) -> None:
+    """A TFTP-root file over HTTP is a FileResponse (sendfile): HEAD, Range, ETag; a
+    rendered one (GRUB config) comes from memory; an escaping link is 403."""
+    data = os.urandom(200_000)
+    (tree / "tftp" / "big.efi").write_bytes(data)
+    head = await boot.head("/boot/big.efi")
+    assert head.status == 200 and head.headers["Content-Length"] == str(len(data))
+    assert head.headers["Content-Type"] == "application/octet-stream" and "ETag" in head.headers
+    part = await boot.get("/boot/big.efi", headers={"Range": "bytes=100000-100009"})
+    assert part.status == 206 and await part.read() == data[100000:100010]
+    grub = await boot.get("/boot/grub/grub.cfg-01-02-00-00-00-00-01")
+    assert grub.status == 200 and "bootd.node=me" in await grub.text()
+    (tree / "tftp" / "out").symlink_to(tree / "secret")
+    out = await boot.get("/boot/out")
+    assert out.status == 403 and "SECRET" not in await out.text()
+
+
 async def test_join_script_only_for_the_node(boot: TestClient[web.Request, web.Application],
                                              tree: Path) -> None:
     resp = await boot.get("/nodes/02:00:00:00:00:01/join.sh")  # we are 127.0.0.1 = "me"
