@@ -21,7 +21,11 @@ Rules:
 
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import structlog
@@ -33,13 +37,11 @@ from bootd.fleet.filetree import FileTree
 from bootd.fleet.grub import GrubConfigs
 from bootd.fleet.images import ImageHashes
 from bootd.fleet.inventory import Inventory
-from bootd.fleet.render import base_url
 from bootd.fleet.tokens import TokenProvider, providers
 from bootd.http.admin import AdminSettings, ReloadResult
 from bootd.http.boot import BootSettings
 from bootd.live import Live
 from bootd.ops.metrics import Metrics
-from bootd.state.leases import LeaseTable
 from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 from bootd.tftp.protocol import Limits
@@ -49,6 +51,7 @@ log = structlog.get_logger("bootd")
 
 # Settings bound to sockets or files at start-up: a reload reports them, a restart applies.
 RESTART_ONLY = ("interfaces", "dhcp_port", "tftp_port", "http_port", "api", "state_dir")
+SIOCGIFADDR = 0x8915
 
 
 @dataclass(frozen=True)
@@ -81,37 +84,49 @@ def tftp_limits(config: Config) -> Limits:
                   max_retries=t.retries)
 
 
-def restore_leases(inventory: Inventory, store: Store) -> LeaseTable | None:
-    """The catch-all range's lease table, read back from the store (None without one)."""
-    pool = inventory.catch_all
-    if pool is None:
-        return None
-    leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips)
-    kept = leases.restore(store.load_leases())
-    log.info("leases restored", count=kept, range=f"{pool.first}-{pool.last}")
-    return leases
+def interface_address(name: str) -> IPv4Address | None:
+    """An interface's (primary) IPv4 address: it tells which network requests arriving
+    on it without a relay belong to."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR,
+                              struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None  # no such interface, or no IPv4 address on it (yet)
+    return IPv4Address(raw[20:24])
+
+
+def build_directory(inventory: Inventory, store: Store) -> NodeDirectory:
+    """The node directory, with leases and learned MACs read back from the store."""
+    directory = NodeDirectory.build(inventory, store.load_leases(), store.load_learned())
+    if directory.leases is not None:
+        log.info("leases restored", count=len(directory.leases),
+                 ranges=[str(r) for r in inventory.catch_all.ranges]
+                 if inventory.catch_all else [])
+    return directory
 
 
 def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
                    tokens: dict[str, TokenProvider] | None = None) -> Snapshot:
     """`tokens`: providers to keep (the running ones, when `clusters:` did not change)."""
     inventory = Inventory(config)
-    directory = NodeDirectory(inventory, restore_leases(inventory, store))
+    directory = build_directory(inventory, store)
     server = config.server
-    grub = GrubConfigs(directory, config.images, str(server.address), server.http_port)
+    grub = GrubConfigs(directory, config.images, server.http_port)
+    addresses = {name: a for name in server.interfaces
+                 if (a := interface_address(name)) is not None}
     files = FileTree(config.tftp.root, config.tftp.fallback_dirs, grub)
     tokens = tokens if tokens is not None else providers(config.clusters)
     return Snapshot(
         config=config,
         directory=directory,
-        dhcp=DhcpContext(directory, DhcpSettings.from_config(config)),
+        dhcp=DhcpContext(directory, DhcpSettings.from_config(config, addresses)),
         tftp=TftpSettings(files, tftp_limits(config), config.tftp.max_transfers, directory),
         boot=BootSettings(
-            directory=directory, url=base_url(str(server.address), server.http_port),
-            images=config.images, clusters=config.clusters, tokens=tokens, hashes=hashes,
-            files=files, grub=grub, ipxe_attempts=config.ipxe.attempts,
-            ipxe_retry_interval=int(config.ipxe.retry_interval),
-            domain=config.network.domain),
+            directory=directory, http_port=server.http_port, images=config.images,
+            clusters=config.clusters, tokens=tokens, hashes=hashes, files=files, grub=grub,
+            ipxe_attempts=config.ipxe.attempts,
+            ipxe_retry_interval=int(config.ipxe.retry_interval)),
         admin=AdminSettings(directory, tokens),
         events=EventPolicy(config.events.stall_after, config.events.keep_attempts),
     )

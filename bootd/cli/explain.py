@@ -18,7 +18,6 @@ from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.inventory import Inventory, NodeProfile
 from bootd.fleet.mac import mac_to_bytes
 from bootd.fleet.render import base_url, ipxe_node, join_script, kernel_cmdline
-from bootd.state.leases import LeaseTable
 
 ARCH_CODES = {"bios": 0, "efi32": 6, "efi64": 7, "arm64": 11, "http": 16}
 SECRET = "<token: served only to the node>"
@@ -86,9 +85,7 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False) ->
         f"labels    {', '.join(f'{k}={v}' for k, v in node.labels.items()) or '-'}",
         f"taints    {', '.join(node.taints) or '-'}",
     ]
-    pool = inventory.catch_all
-    leases = LeaseTable(pool.first, pool.last, inventory.reserved_ips) if pool else None
-    ctx = DhcpContext(NodeDirectory(inventory, leases), DhcpSettings.from_config(config))
+    ctx = DhcpContext(NodeDirectory.build(inventory), DhcpSettings.from_config(config))
     outcome = decide(synthetic_discover(mac, arch, ipxe), ctx, 0.0)
     out.append("")
     note = outcome.note if isinstance(outcome, Offered) else ""

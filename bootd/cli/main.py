@@ -27,7 +27,9 @@ def _summary(config: Config, path: str) -> str:
     lines = [f"{path}: OK"]
     lines.append(f"  server   {config.server.address} on {', '.join(config.server.interfaces)}"
                  f" (http :{config.server.http_port}, tftp :{config.server.tftp_port})")
-    lines.append(f"  network  {config.network.subnet}, lease {int(config.network.lease_time)}s")
+    for net in config.all_networks():
+        lines.append(f"  network  {net.name}: {net.subnet}, lease {int(net.lease_time)}s"
+                     + (f", next-server {net.next_server}" if net.next_server else ""))
     lines.append(f"  pools    {len(config.pools)}: " + ", ".join(
         f"{p.name} ({len(p.nodes)} nodes{', catch-all' if p.dynamic else ''})"
         for p in config.pools))
@@ -36,7 +38,9 @@ def _summary(config: Config, path: str) -> str:
     lines.append(f"  tags     {len(config.tags)}: {', '.join(config.tags) or '-'}")
     if inv.catch_all is not None:
         pool = inv.catch_all
-        lines.append(f"  dynamic  {pool.first}-{pool.last} ({pool.size} addresses) in pool "
+        ranges = ", ".join(f"{r} ({r.network})" if len(inv.networks) > 1 else str(r)
+                           for r in pool.ranges)
+        lines.append(f"  dynamic  {ranges} ({pool.size} addresses) in pool "
                      f"{pool.name}, names {pool.name_template!r}")
     else:
         lines.append("  dynamic  none: unknown MACs get no answer")

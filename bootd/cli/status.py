@@ -30,7 +30,8 @@ def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
         recorder.load()
     finally:
         store.close()
-    return recorder.status_document(Inventory(config).nodes), recorder
+    inventory = Inventory(config)
+    return recorder.status_document(inventory.nodes, inventory.network_name), recorder
 
 
 def ago(ts: float | None, now: float) -> str:

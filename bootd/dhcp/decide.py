@@ -1,7 +1,11 @@
 """DHCP decisions: (request, node directory, settings, now) -> a typed outcome.
 
 Pure logic, no sockets and no clock: every RFC 2131 rule is a named branch with a test.
-bootd answers authoritatively for its one subnet (as dnsmasq's `dhcp-authoritative`): a
+Every request is first placed in one of the networks bootd serves: by its relay (giaddr
+inside a declared subnet) or, when not relayed, by the network of the interface it came
+in on. A relay in no declared network gets nothing (bootd never sends to an address a
+packet merely names). Reservations and ranges of other networks are not used for it.
+bootd answers authoritatively for its networks (as dnsmasq's `dhcp-authoritative`): a
 client asking for an address that is not its own here is NAKed at once, so it falls back
 to DISCOVER instead of waiting out a timeout.
 """
@@ -9,8 +13,10 @@ to DISCOVER instead of waiting out a timeout.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
 
 from bootd.dhcp.bootfile import BootAnswer, Unsupported, boot_answer
 from bootd.dhcp.options import Opt
@@ -28,6 +34,8 @@ from bootd.dhcp.outcomes import (
     Reply,
     RequestState,
     UnknownMac,
+    UnknownRelay,
+    WrongNetwork,
 )
 from bootd.dhcp.packet import (
     BOOTREPLY,
@@ -40,7 +48,7 @@ from bootd.dhcp.packet import (
 )
 from bootd.fleet.config import Config
 from bootd.fleet.directory import NodeDirectory
-from bootd.fleet.inventory import NodeProfile
+from bootd.fleet.inventory import NodeProfile, PortId
 
 BROADCAST = IPv4Address("255.255.255.255")
 SERVER_PORT = 67
@@ -49,23 +57,69 @@ MAX_HOPS = 16
 
 
 @dataclass(frozen=True)
-class DhcpSettings:
-    """What every reply carries, taken from the config once per load."""
+class NetworkSettings:
+    """What a reply on one network carries."""
 
-    server: IPv4Address
+    name: str
     subnet: IPv4Network
     gateway: IPv4Address | None
     dns: tuple[IPv4Address, ...]
     domain: str | None
     lease_time: float
+    next_server: IPv4Address  # bootd's address as this network reaches it
+
+
+@dataclass(frozen=True)
+class DhcpSettings:
+    """The networks served and how a request is placed in one, from one config load."""
+
+    server: IPv4Address
     http_port: int
+    networks: tuple[NetworkSettings, ...]
+    # receiving interface -> its network, for requests that were not relayed
+    local: Mapping[str, NetworkSettings] = field(default_factory=lambda: MappingProxyType({}))
+    # any other interface: the network of server.address, else the only network
+    fallback: NetworkSettings | None = None
 
     @classmethod
-    def from_config(cls, config: Config) -> DhcpSettings:
-        net = config.network
-        return cls(server=config.server.address, subnet=net.subnet, gateway=net.gateway,
-                   dns=tuple(net.dns), domain=net.domain, lease_time=net.lease_time,
-                   http_port=config.server.http_port)
+    def from_config(cls, config: Config,
+                    interface_addresses: Mapping[str, IPv4Address] | None = None,
+                    ) -> DhcpSettings:
+        """`interface_addresses`: each DHCP interface's own address. An interface whose
+        address is in no network (or unknown) serves the network of server.address,
+        else the only network there is."""
+        server = config.server.address
+        networks = tuple(NetworkSettings(
+            name=n.name, subnet=n.subnet, gateway=n.gateway, dns=tuple(n.dns),
+            domain=n.domain, lease_time=n.lease_time, next_server=n.next_server or server)
+            for n in config.all_networks())
+        fallback = next((n for n in networks if server in n.subnet),
+                        networks[0] if len(networks) == 1 else None)
+        local = {}
+        for name in config.server.interfaces:
+            address = (interface_addresses or {}).get(name)
+            found = next((n for n in networks if address is not None and address in n.subnet),
+                         fallback)
+            if found is not None:
+                local[name] = found
+        return cls(server, config.server.http_port, networks, MappingProxyType(local),
+                   fallback)
+
+    @property
+    def addresses(self) -> frozenset[IPv4Address]:
+        """Every address of ours a client may name as server identifier."""
+        return frozenset({self.server, *(n.next_server for n in self.networks)})
+
+    def network_of(self, ip: IPv4Address) -> NetworkSettings | None:
+        return next((n for n in self.networks if ip in n.subnet), None)
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a request comes from: its network, and the switch port its relay named."""
+
+    network: NetworkSettings
+    port: PortId | None
 
 
 @dataclass(frozen=True)
@@ -76,9 +130,10 @@ class DhcpContext:
     settings: DhcpSettings
 
 
-def decide(req: DhcpPacket, ctx: DhcpContext, now: float) -> Outcome:
-    """Answer one decoded request (RFC 2131 section 4.3). Lease changes it makes are
-    queued in the lease table for the caller to persist before it sends the reply."""
+def decide(req: DhcpPacket, ctx: DhcpContext, now: float, interface: str = "") -> Outcome:
+    """Answer one decoded request (RFC 2131 section 4.3) that came in on `interface`.
+    Lease changes and learned MACs it makes are queued in the node directory for the
+    caller to persist before it sends the reply."""
     if req.op != BOOTREQUEST:
         return Dropped("not a BOOTREQUEST")
     try:
@@ -90,45 +145,84 @@ def decide(req: DhcpPacket, ctx: DhcpContext, now: float) -> Outcome:
         return Dropped("no or unknown DHCP message type (BOOTP is not served)")
     if req.hops > MAX_HOPS:
         return Dropped(f"relayed through {req.hops} hops")
-    if req.giaddr != ZERO and req.giaddr not in ctx.settings.subnet:
-        return Dropped(f"relay {req.giaddr} is not on {ctx.settings.subnet}")
     handler = _HANDLERS.get(mtype)
     if handler is None:
         return Dropped(f"{mtype.name} is a server message")
-    return handler(req, mac, ctx, now)
+    if req.giaddr != ZERO:
+        network = ctx.settings.network_of(req.giaddr)
+        if network is None:
+            return UnknownRelay(req.giaddr, mac)
+    else:
+        network = ctx.settings.local.get(interface, ctx.settings.fallback)
+        if network is None:
+            return Dropped(f"interface {interface!r} is on none of bootd's networks")
+    return handler(req, mac, ctx, now, Place(network, _port_of(req)))
+
+
+def _port_of(req: DhcpPacket) -> PortId | None:
+    """The switch port a relay reported (option 82 circuit-id, remote-id), if any."""
+    info = req.options.get(Opt.RELAY_AGENT_INFO)
+    if req.giaddr == ZERO or not info:
+        return None
+    subs: dict[int, bytes] = {}
+    i = 0
+    while i + 2 <= len(info):
+        code, length = info[i], info[i + 1]
+        subs.setdefault(code, info[i + 2 : i + 2 + length])
+        i += 2 + length
+    circuit = subs.get(1)
+    return PortId(req.giaddr, circuit, subs.get(2)) if circuit else None
+
+
+def _node(req: DhcpPacket, mac: str, ctx: DhcpContext, place: Place,
+          ) -> NodeProfile | WrongNetwork | None:
+    """The node asking, if it may be served on this network; learns a ported node's MAC."""
+    node = ctx.directory.resolve(mac, place.port)
+    if node is None:
+        return None
+    if node.network is not None and node.network != place.network.name:
+        return WrongNetwork(node, mac, place.network.name)
+    ctx.directory.learn(node, mac)
+    return node
 
 
 # ---------------------------------------------------------------------------- handlers
 
 
-def _discover(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
-    node = ctx.directory.resolve(mac)
+def _discover(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float,
+              place: Place) -> Outcome:
+    node = _node(req, mac, ctx, place)
     if node is None:
         return UnknownMac(mac, MessageType.DISCOVER)
+    if isinstance(node, WrongNetwork):
+        return node
     if node.ip is not None:
         ip = node.ip
     else:
         leases = ctx.directory.leases
         if leases is None:
             return Dropped("catch-all pool has no lease table", node)
-        offered = leases.offer(mac, now, req.requested_ip)
+        offered = leases.offer(mac, now, req.requested_ip, place.network.name)
         if offered is None:
-            return Exhausted(node)
+            return Exhausted(node, place.network.name)
         ip = offered
-    reply, boot, note = _answer(req, MessageType.OFFER, node, ip, ctx)
+    reply, boot, note = _answer(req, MessageType.OFFER, node, ip, place.network, ctx)
     return Offered(reply, node, ip, boot, note)
 
 
-def _request(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
+def _request(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float,
+             place: Place) -> Outcome:
     server_id = req.server_id
     leases = ctx.directory.leases
-    if server_id is not None and server_id != ctx.settings.server:
+    if server_id is not None and server_id not in ctx.settings.addresses:
         if leases is not None:
             leases.forget_offer(mac)
         return NotForUs(server_id, req.requested_ip)
-    node = ctx.directory.resolve(mac)
+    node = _node(req, mac, ctx, place)
     if node is None:
         return UnknownMac(mac, MessageType.REQUEST)
+    if isinstance(node, WrongNetwork):
+        return node
     wanted = req.requested_ip if req.ciaddr == ZERO else req.ciaddr
     if wanted is None:
         return Dropped("REQUEST names no address", node)
@@ -139,21 +233,23 @@ def _request(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome
     else:
         state = RequestState.SELECTING
 
-    if wanted not in ctx.settings.subnet:
-        return _nak(req, node, ctx, f"{state}: {wanted} is not on {ctx.settings.subnet}")
+    net = place.network
+    if wanted not in net.subnet:
+        return _nak(req, node, net, f"{state}: {wanted} is not on {net.name} ({net.subnet})")
     if node.ip is not None:
         if wanted != node.ip:
-            return _nak(req, node, ctx, f"{state}: {wanted} requested, {node.ip} is reserved")
+            return _nak(req, node, net, f"{state}: {wanted} requested, {node.ip} is reserved")
     elif leases is None or not leases.is_free_for(wanted, mac, now):
-        return _nak(req, node, ctx, f"{state}: {wanted} is not available to {mac}")
+        return _nak(req, node, net, f"{state}: {wanted} is not available to {mac}")
     else:
-        leases.bind(mac, wanted, now, ctx.settings.lease_time, node.name)
-    reply, boot, note = _answer(req, MessageType.ACK, node, wanted, ctx)
+        leases.bind(mac, wanted, now, net.lease_time, node.name)
+    reply, boot, note = _answer(req, MessageType.ACK, node, wanted, net, ctx)
     return Acked(reply, node, wanted, state, boot, note)
 
 
-def _release(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
-    node = ctx.directory.resolve(mac)
+def _release(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float,
+             place: Place) -> Outcome:
+    node = ctx.directory.resolve(mac, place.port)
     leases = ctx.directory.leases
     if leases is not None and req.ciaddr in leases:
         released = leases.release(mac, req.ciaddr, now)
@@ -162,8 +258,9 @@ def _release(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome
     return Released(node, req.ciaddr, False, "reserved address, kept")
 
 
-def _decline(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
-    node = ctx.directory.resolve(mac)
+def _decline(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float,
+             place: Place) -> Outcome:
+    node = ctx.directory.resolve(mac, place.port)
     ip = req.requested_ip
     if ip is None:
         return Dropped("DECLINE without requested address", node)
@@ -175,11 +272,12 @@ def _decline(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome
     return Declined(node, ip, "reserved address is in use by another host: address conflict")
 
 
-def _inform(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float) -> Outcome:
-    if req.ciaddr == ZERO or req.ciaddr not in ctx.settings.subnet:
-        return Dropped(f"INFORM from {req.ciaddr}, not on our subnet")
-    node = ctx.directory.resolve(mac)
-    reply, boot, note = _answer(req, MessageType.ACK, node, None, ctx)
+def _inform(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float,
+            place: Place) -> Outcome:
+    if req.ciaddr == ZERO or req.ciaddr not in place.network.subnet:
+        return Dropped(f"INFORM from {req.ciaddr}, not on {place.network.name}")
+    node = ctx.directory.resolve(mac, place.port)
+    reply, boot, note = _answer(req, MessageType.ACK, node, None, place.network, ctx)
     return Informed(reply, node, req.ciaddr, boot, note)
 
 
@@ -195,11 +293,11 @@ _HANDLERS = {
 # ---------------------------------------------------------------------------- replies
 
 
-def _base_reply(req: DhcpPacket, mtype: MessageType, ctx: DhcpContext) -> DhcpPacket:
+def _base_reply(req: DhcpPacket, mtype: MessageType, net: NetworkSettings) -> DhcpPacket:
     return DhcpPacket(
         op=BOOTREPLY, xid=req.xid, htype=req.htype, hlen=req.hlen, flags=req.flags,
         giaddr=req.giaddr, chaddr=req.chaddr,
-        options={Opt.MESSAGE_TYPE: bytes((mtype,)), Opt.SERVER_ID: ctx.settings.server.packed},
+        options={Opt.MESSAGE_TYPE: bytes((mtype,)), Opt.SERVER_ID: net.next_server.packed},
     )
 
 
@@ -219,20 +317,19 @@ def _destination(req: DhcpPacket, reply: DhcpPacket, nak: bool) -> Reply:
     return Reply(reply, reply.yiaddr, CLIENT_PORT, size, hw_unicast=True)
 
 
-def _nak(req: DhcpPacket, node: NodeProfile, ctx: DhcpContext, why: str) -> Nakked:
-    reply = _base_reply(req, MessageType.NAK, ctx)
+def _nak(req: DhcpPacket, node: NodeProfile, net: NetworkSettings, why: str) -> Nakked:
+    reply = _base_reply(req, MessageType.NAK, net)
     reply.options[Opt.MESSAGE] = why.encode()[:255]
     return Nakked(_destination(req, reply, nak=True), node, req.requested_ip, why)
 
 
 def _answer(req: DhcpPacket, mtype: MessageType, node: NodeProfile | None,
-            ip: IPv4Address | None, ctx: DhcpContext,
+            ip: IPv4Address | None, s: NetworkSettings, ctx: DhcpContext,
             ) -> tuple[Reply, BootAnswer | None, str]:
     """OFFER or ACK (ip set) or ACK to INFORM (ip None): addresses, options, boot file.
     Returns the reply, the boot program chosen and a note on why there is none."""
-    s = ctx.settings
-    reply = _base_reply(req, mtype, ctx)
-    reply.siaddr = s.server
+    reply = _base_reply(req, mtype, s)
+    reply.siaddr = s.next_server
     opts: dict[int, bytes] = {}
     if ip is not None:
         reply.yiaddr = ip
@@ -256,7 +353,7 @@ def _answer(req: DhcpPacket, mtype: MessageType, node: NodeProfile | None,
     boot: BootAnswer | None = None
     note = ""
     if node is not None:
-        answer = boot_answer(req, node.boot, str(s.server), s.http_port)
+        answer = boot_answer(req, node.boot, str(s.next_server), ctx.settings.http_port)
         if isinstance(answer, Unsupported):
             note = answer.reason
         elif answer is not None:

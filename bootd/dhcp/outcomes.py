@@ -105,11 +105,33 @@ class UnknownMac:
 
 
 @dataclass(frozen=True)
+class WrongNetwork:
+    """A reserved node seen behind another network's relay (or interface): not served
+    there, so that a miscabled or moved machine never gets another rack's address."""
+
+    kind: ClassVar[str] = "wrong-network"
+    node: NodeProfile
+    mac: str
+    seen_on: str  # the network the request came from
+
+
+@dataclass(frozen=True)
+class UnknownRelay:
+    """A relayed request whose giaddr is in no declared network: bootd never sends to an
+    address a packet merely names."""
+
+    kind: ClassVar[str] = "unknown-relay"
+    giaddr: IPv4Address
+    mac: str
+
+
+@dataclass(frozen=True)
 class Exhausted:
-    """The catch-all range has no address to offer."""
+    """The catch-all ranges of the client's network have no address to offer."""
 
     kind: ClassVar[str] = "exhausted"
     node: NodeProfile
+    network: str
 
 
 @dataclass(frozen=True)
@@ -131,4 +153,5 @@ class Dropped:
 
 
 Answered = Offered | Acked | Informed | Nakked
-Outcome = Answered | Released | Declined | UnknownMac | Exhausted | NotForUs | Dropped
+Outcome = (Answered | Released | Declined | UnknownMac | WrongNetwork | UnknownRelay
+           | Exhausted | NotForUs | Dropped)

@@ -19,7 +19,9 @@ Rules:
 4. Every outcome is a frozen class (`bootd.dhcp.outcomes`); its log line, metric and boot
    event are chosen by a `match` on the class, never by reading text.
 5. Logging an unknown MAC is limited per MAC (once a minute), so a client retrying
-   every second logs once, and many unknown machines are each logged once.
+   every second logs once, and many unknown machines are each logged once. The same
+   holds for a reserved node seen on the wrong network (per MAC) and for a relay in no
+   declared network (per relay address): never one line per packet.
 6. The snapshot is read once per datagram: a reload between two datagrams swaps it,
    a reload never lands in the middle of one.
 """
@@ -48,6 +50,8 @@ from bootd.dhcp.outcomes import (
     Outcome,
     Released,
     UnknownMac,
+    UnknownRelay,
+    WrongNetwork,
 )
 from bootd.dhcp.packet import DhcpError, DhcpPacket, MessageType, decode, encode
 from bootd.fleet.inventory import NodeProfile
@@ -84,6 +88,7 @@ class DhcpService:
         self.metrics = metrics
         self.recorder = recorder
         self.unknown_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY)
+        self.relay_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY)
         self._packets = {kind: metrics.dhcp_packets.labels(kind) for kind in (
             "malformed", "store-failed", *(c.kind for c in _OUTCOME_CLASSES))}
 
@@ -95,7 +100,7 @@ class DhcpService:
             log.debug("dhcp drop malformed", interface=interface, error=str(exc))
             return None
         ctx = self.context()
-        outcome = decide(request, ctx, now)
+        outcome = decide(request, ctx, now, interface)
         if not self._persist(ctx):
             return None
         self._packets[outcome.kind].inc()
@@ -111,8 +116,16 @@ class DhcpService:
         return None
 
     def _persist(self, ctx: DhcpContext) -> bool:
-        """Write queued lease changes; False (and nothing sent) if the store failed."""
-        leases = ctx.directory.leases
+        """Write queued lease changes and learned MACs; False (and nothing sent) if the
+        store failed."""
+        directory = ctx.directory
+        learned = directory.drain_learned()
+        if learned:
+            try:
+                self.store.save_learned(learned)
+            except Exception as exc:  # kept in memory; written again when next learned
+                log.error("dhcp learned MAC store write failed", error=str(exc))
+        leases = directory.leases
         if leases is None:
             return True
         changes = leases.drain_changes()
@@ -153,9 +166,18 @@ class DhcpService:
                     node=node, ip=ip, reason=reason):
                 log.info(f"dhcp {outcome.kind}", **fields, **_node_fields(node), ip=str(ip),
                          detail=reason)
-            case Exhausted(node=node):
-                log.warning("dhcp exhausted", **fields, **_node_fields(node),
-                            detail="the catch-all range has no free address")
+            case WrongNetwork(node=node, mac=mac, seen_on=seen_on):
+                if self.unknown_log.allow(mac, now):
+                    log.warning("dhcp wrong-network", **fields, **_node_fields(node),
+                                network=seen_on, detail=f"node {node.name} seen on {seen_on}"
+                                f", reserved on {node.network}: not served there")
+            case UnknownRelay(giaddr=giaddr):
+                if self.relay_log.allow(str(giaddr), now):
+                    log.warning("dhcp unknown-relay", **fields, relay=str(giaddr),
+                                detail="relay address in no declared network: not answered")
+            case Exhausted(node=node, network=network):
+                log.warning("dhcp exhausted", **fields, **_node_fields(node), network=network,
+                            detail="the catch-all ranges of this network have no free address")
             case NotForUs(server_id=server, ip=ip):
                 log.debug("dhcp not-for-us", **fields, ip=str(ip) if ip else None,
                           detail=f"client selected server {server}")
@@ -184,6 +206,9 @@ class DhcpService:
         match outcome:
             case UnknownMac():
                 event(events.REFUSED, None, None, "refused", reason="unknown MAC (DHCP)")
+            case WrongNetwork(node=node, seen_on=seen_on):
+                event(events.REFUSED, node, None, "refused",
+                      reason=f"node {node.name} seen on {seen_on}")
             case Offered(node=node, ip=ip, boot=boot):
                 event(events.DHCP_DISCOVER, node, ip, firmware=firmware(boot),
                       vendor_class=request.vendor_class)
@@ -203,7 +228,7 @@ class DhcpService:
 
 
 _OUTCOME_CLASSES = (Offered, Acked, Informed, Nakked, Released, Declined, UnknownMac,
-                    Exhausted, NotForUs, Dropped)
+                    WrongNetwork, UnknownRelay, Exhausted, NotForUs, Dropped)
 
 
 def _node_fields(node: NodeProfile | None) -> dict[str, object]:

@@ -7,6 +7,7 @@ duplicate MACs/IPs, address plans) are checked here after the structure is sound
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -180,16 +181,30 @@ class ServerConfig(_Model):
 
 
 class NetworkConfig(_Model):
+    """`network:`, the one-network shorthand: the subnet bootd's interfaces are on."""
+
     subnet: IPv4Network
     gateway: IPv4Address | None = None
     dns: list[IPv4Address] = []
     domain: str | None = None
     lease_time: Duration = 3600.0
+    # bootd's address as this subnet reaches it (siaddr, server id, URLs); default
+    # server.address
+    next_server: IPv4Address | None = None
 
     @field_validator("domain")
     @classmethod
     def _domain(cls, v: str | None) -> str | None:
         return None if v is None else check_hostname(v.rstrip("."))
+
+
+class NamedNetworkConfig(NetworkConfig):
+    """One entry of `networks:`: a subnet served directly or behind DHCP relays."""
+
+    name: Hostname
+
+
+DEFAULT_NETWORK = "default"  # the name `network:` gets
 
 
 class ImageConfig(_Model):
@@ -328,32 +343,65 @@ class ProfileConfig(_Model):
         return v
 
 
+class PortConfig(_Model):
+    """A node identified by the switch port it is cabled to, as its relay reports it in
+    option 82 (RFC 3046): the relay's address (giaddr), the circuit-id and optionally the
+    remote-id. Whatever MAC boots there is this node."""
+
+    relay: IPv4Address
+    circuit_id: str = Field(min_length=1, max_length=255)
+    remote_id: str | None = Field(default=None, min_length=1, max_length=255)
+
+
 class NodeConfig(ProfileConfig):
     name: Hostname
-    mac: MacList
+    mac: MacList = []
+    port: PortConfig | None = None
     ip: IPv4Address
     tags: list[str] = []
 
+    @model_validator(mode="after")
+    def _identity(self) -> NodeConfig:
+        if not self.mac and self.port is None:
+            raise ValueError("a node needs a `mac` or a `port` (switch port, option 82)")
+        return self
+
+
+def _range(v: str) -> str:
+    lo, sep, hi = v.partition("-")
+    try:
+        a, b = IPv4Address(lo.strip()), IPv4Address(hi.strip())
+    except ValueError:
+        raise ValueError(f"range must be FIRST-LAST addresses, got {v!r}") from None
+    if not sep or a > b:
+        raise ValueError(f"range must be FIRST-LAST with FIRST <= LAST, got {v!r}")
+    return f"{a}-{b}"
+
+
+def range_bounds(text: str) -> tuple[IPv4Address, IPv4Address]:
+    lo, _, hi = text.partition("-")
+    return IPv4Address(lo.strip()), IPv4Address(hi.strip())
+
+
+AddressRange = Annotated[str, BeforeValidator(lambda v: _range(str(v)))]
+
 
 class DynamicConfig(_Model):
-    range: str
+    """The catch-all pool's addresses: `range` (one), or `ranges` (one or more per network
+    of a routed fleet). Each range lies inside one network."""
+
+    range: AddressRange | None = None
+    ranges: list[AddressRange] = []
     name: str = "node-{mac}"
 
-    def bounds(self) -> tuple[IPv4Address, IPv4Address]:
-        lo, _, hi = self.range.partition("-")
-        return IPv4Address(lo.strip()), IPv4Address(hi.strip())
+    @model_validator(mode="after")
+    def _one_form(self) -> DynamicConfig:
+        if (self.range is None) == (not self.ranges):
+            raise ValueError("give either `range` or `ranges`")
+        return self
 
-    @field_validator("range")
-    @classmethod
-    def _range(cls, v: str) -> str:
-        lo, sep, hi = v.partition("-")
-        try:
-            a, b = IPv4Address(lo.strip()), IPv4Address(hi.strip())
-        except ValueError:
-            raise ValueError(f"range must be FIRST-LAST addresses, got {v!r}") from None
-        if not sep or a > b:
-            raise ValueError(f"range must be FIRST-LAST with FIRST <= LAST, got {v!r}")
-        return f"{a}-{b}"
+    def all_ranges(self) -> list[str]:
+        return [self.range] if self.range is not None else list(self.ranges)
 
     @field_validator("name")
     @classmethod
@@ -407,7 +455,8 @@ class EventsConfig(_Model):
 
 class Config(_Model):
     server: ServerConfig
-    network: NetworkConfig
+    network: NetworkConfig | None = None
+    networks: list[NamedNetworkConfig] = []
     tftp: TftpConfig = TftpConfig()
     ipxe: IpxeConfig = IpxeConfig()
     events: EventsConfig = EventsConfig()
@@ -416,6 +465,18 @@ class Config(_Model):
     defaults: ProfileConfig = ProfileConfig()
     tags: dict[str, ProfileConfig] = {}
     pools: list[PoolConfig] = []
+
+    @model_validator(mode="after")
+    def _one_network_form(self) -> Config:
+        if (self.network is None) == (not self.networks):
+            raise ValueError("give either `network` (one subnet) or `networks` (several)")
+        return self
+
+    def all_networks(self) -> list[NamedNetworkConfig]:
+        """Every network served; `network:` is the one named "default"."""
+        if self.network is not None:
+            return [NamedNetworkConfig(name=DEFAULT_NETWORK, **self.network.model_dump())]
+        return list(self.networks)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -531,13 +592,17 @@ def parse_config(text: str, file: str = "<config>") -> Config:
               for loc, _ in source.duplicates]
     if not isinstance(data, dict):
         raise ConfigError([*issues, source.issue((), "the top level must be a mapping")])
+    if "network" not in data and "networks" not in data:
+        issues.append(source.issue(("network",), "Field required (or `networks`, for "
+                                   "several subnets)"))
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             loc = _clean_loc(tuple(err["loc"]), data)
             msg = err["msg"].removeprefix("Value error, ")
-            issues.append(source.issue(loc, msg))
+            if "give either `network`" not in msg or not issues:
+                issues.append(source.issue(loc, msg))
         raise ConfigError(issues) from None
     issues += [source.issue(loc, msg) for loc, msg in cross_check(config)]
     if issues:
@@ -561,7 +626,9 @@ def _profiles(config: Config) -> Iterator[tuple[Loc, ProfileConfig]]:
 def cross_check(config: Config) -> list[tuple[Loc, str]]:
     """Checks that need the whole document: references, uniqueness, address plan."""
     errors: list[tuple[Loc, str]] = []
-    net = config.network.subnet
+    networks = config.all_networks()
+    net_loc: list[Loc] = ([("network",)] if config.network is not None
+                          else [("networks", i) for i in range(len(networks))])
 
     for loc, prof in _profiles(config):
         if prof.image is not None and prof.image not in config.images:
@@ -573,19 +640,39 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
             if tag not in config.tags:
                 errors.append(((*loc, "tags", k), f"unknown tag {tag!r}"))
 
-    def usable(ip: IPv4Address) -> str | None:
-        if ip not in net:
-            return f"{ip} is outside network.subnet {net}"
-        if net.prefixlen < 31 and ip in (net.network_address, net.broadcast_address):
-            return f"{ip} is the network or broadcast address of {net}"
-        return None
+    names: dict[str, int] = {}
+    for i, net in enumerate(networks):
+        if net.name in names:
+            errors.append(((*net_loc[i], "name"), f"duplicate network name {net.name!r}"))
+        names.setdefault(net.name, i)
+        for other in networks[:i]:
+            if net.subnet.overlaps(other.subnet):
+                errors.append(((*net_loc[i], "subnet"),
+                               f"{net.subnet} overlaps network {other.name} ({other.subnet})"))
 
-    if config.network.gateway is not None and (why := usable(config.network.gateway)):
-        errors.append((("network", "gateway"), why))
+    def where(ip: IPv4Address) -> tuple[NamedNetworkConfig | None, str | None]:
+        """The network `ip` is a usable host address of, or why it is none."""
+        for net in networks:
+            if ip in net.subnet:
+                s = net.subnet
+                if s.prefixlen < 31 and ip in (s.network_address, s.broadcast_address):
+                    return None, f"{ip} is the network or broadcast address of {s}"
+                return net, None
+        if config.network is not None:
+            return None, f"{ip} is outside network.subnet {config.network.subnet}"
+        return None, f"{ip} is in no network of `networks`"
+
+    for i, net in enumerate(networks):
+        if net.gateway is not None and net.gateway not in net.subnet:
+            errors.append(((*net_loc[i], "gateway"), f"{net.gateway} is outside "
+                           f"{'.'.join(map(str, net_loc[i]))}.subnet {net.subnet}"))
+        elif net.gateway is not None and (why := where(net.gateway)[1]):
+            errors.append(((*net_loc[i], "gateway"), why))
 
     seen_macs: dict[str, str] = {}
     seen_ips: dict[IPv4Address, str] = {}
     seen_names: dict[str, str] = {}
+    seen_ports: dict[tuple[IPv4Address, str, str | None], str] = {}
     pool_names: set[str] = set()
     dynamic_pools: list[int] = []
     for i, pool in enumerate(config.pools):
@@ -595,25 +682,37 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         if pool.dynamic is not None:
             dynamic_pools.append(i)
         for j, node in enumerate(pool.nodes):
-            where = f"{pool.name}/{node.name}"
+            here = f"{pool.name}/{node.name}"
             loc = ("pools", i, "nodes", j)
             if node.name in seen_names:
                 errors.append(((*loc, "name"),
                                f"duplicate node name {node.name!r} (also {seen_names[node.name]})"))
-            seen_names.setdefault(node.name, where)
+            seen_names.setdefault(node.name, here)
             for k, mac in enumerate(node.mac):
                 if mac in seen_macs:
                     errors.append(((*loc, "mac", k) if len(node.mac) > 1 else (*loc, "mac"),
                                    f"duplicate MAC {mac} (also node {seen_macs[mac]})"))
-                seen_macs.setdefault(mac, where)
+                seen_macs.setdefault(mac, here)
             if node.ip in seen_ips:
                 errors.append(((*loc, "ip"),
                                f"duplicate IP {node.ip} (also node {seen_ips[node.ip]})"))
-            seen_ips.setdefault(node.ip, where)
-            if why := usable(node.ip):
+            seen_ips.setdefault(node.ip, here)
+            node_net, why = where(node.ip)
+            if why:
                 errors.append(((*loc, "ip"), why))
             elif node.ip == config.server.address:
                 errors.append(((*loc, "ip"), f"{node.ip} is bootd's own server.address"))
+            if node.port is not None:
+                port = (node.port.relay, node.port.circuit_id, node.port.remote_id)
+                if port in seen_ports:
+                    errors.append(((*loc, "port"),
+                                   f"duplicate port identity (also node {seen_ports[port]})"))
+                seen_ports.setdefault(port, here)
+                if node_net is not None and node.port.relay not in node_net.subnet:
+                    errors.append(((*loc, "port", "relay"),
+                                   f"relay {node.port.relay} is not on {node.ip}'s network "
+                                   f"{node_net.name} ({node_net.subnet}): option 82 from it "
+                                   "cannot name this node"))
 
     for extra in dynamic_pools[1:]:
         errors.append((("pools", extra, "dynamic"),
@@ -621,20 +720,41 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
     for i in dynamic_pools[:1]:
         dyn = config.pools[i].dynamic
         assert dyn is not None
-        lo, hi = dyn.bounds()
-        loc = ("pools", i, "dynamic", "range")
-        if (why := usable(lo)) or (why := usable(hi)):
-            errors.append((loc, f"range {dyn.range} leaves the subnet: {why}"))
-            continue
-        inside = sorted(ip for ip in seen_ips if lo <= ip <= hi)
-        if inside:
-            shown = ", ".join(f"{ip} ({seen_ips[ip]})" for ip in inside[:3])
-            more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
-            errors.append((loc, f"range {dyn.range} overlaps reserved addresses {shown}{more}"))
-        for what, ip in (("server.address", config.server.address),
-                         ("network.gateway", config.network.gateway)):
-            if ip is not None and lo <= ip <= hi:
-                errors.append((loc, f"range {dyn.range} contains {what} {ip}"))
+        for k, text in enumerate(dyn.all_ranges()):
+            loc = (("pools", i, "dynamic", "range") if dyn.range is not None
+                   else ("pools", i, "dynamic", "ranges", k))
+            errors += [(loc, msg) for msg in _range_errors(text, where, seen_ips, config)]
+        spans = sorted((range_bounds(r), r) for r in dyn.all_ranges())
+        for (a, ra), (b, rb) in itertools.pairwise(spans):
+            if b[0] <= a[1]:
+                errors.append((("pools", i, "dynamic", "ranges"),
+                               f"ranges {ra} and {rb} overlap"))
+    return errors
+
+
+def _range_errors(text: str, where: Any, seen_ips: dict[IPv4Address, str],
+                  config: Config) -> list[str]:
+    lo, hi = range_bounds(text)
+    (net_lo, why_lo), (net_hi, why_hi) = where(lo), where(hi)
+    if why_lo or why_hi:
+        return [f"range {text} leaves the subnet: {why_lo or why_hi}"]
+    if net_lo is not net_hi:
+        return [f"range {text} crosses networks {net_lo.name} and {net_hi.name}"]
+    errors = []
+    inside = sorted(ip for ip in seen_ips if lo <= ip <= hi)
+    if inside:
+        shown = ", ".join(f"{ip} ({seen_ips[ip]})" for ip in inside[:3])
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        errors.append(f"range {text} overlaps reserved addresses {shown}{more}")
+    specials: list[tuple[str, IPv4Address | None]] = [("server.address",
+                                                        config.server.address)]
+    specials += [("network.gateway" if config.network is not None else f"the gateway of "
+                  f"{n.name}", n.gateway) for n in config.all_networks()]
+    specials += [(f"the next_server of {n.name}", n.next_server)
+                 for n in config.all_networks()]
+    for what, ip in specials:
+        if ip is not None and lo <= ip <= hi:
+            errors.append(f"range {text} contains {what} {ip}")
     return errors
 
 

@@ -12,15 +12,21 @@ Rules:
 - A reserved node's address is its reservation, whatever any lease says.
 - A catch-all node holds an address only through an active lease on its MAC.
 - By address, a reservation wins over a lease; an expired or released lease names nobody.
+- A node identified by its switch port (option 82) is that node whatever MAC boots
+  there; the MAC it was last seen with is learned, so TFTP and HTTP (which see no
+  option 82) find it by MAC and address like any other node.
+- Lookup order for a DHCP request: switch port, then reserved MAC, then a learned MAC,
+  then the catch-all pool.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from bootd.fleet.inventory import DynamicPool, Inventory, NodeProfile
-from bootd.state.leases import LeaseTable
+from bootd.fleet.inventory import DynamicPool, Inventory, NodeProfile, PortId
+from bootd.state.leases import Lease, RangeLeases
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,28 @@ class Holder:
 @dataclass(frozen=True)
 class NodeDirectory:
     inventory: Inventory
-    leases: LeaseTable | None  # None: no catch-all pool, so no dynamic addresses
+    leases: RangeLeases | None  # None: no catch-all pool, so no dynamic addresses
+    # port-identified node name -> the MAC it was last seen with (mutated by `learn`)
+    learned: dict[str, str] = field(default_factory=dict)
+    _learned_by_mac: dict[str, str] = field(default_factory=dict)
+    _learned_new: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._learned_by_mac.update({mac: name for name, mac in self.learned.items()})
+
+    @classmethod
+    def build(cls, inventory: Inventory, stored: Iterable[Lease] = (),
+              learned: Iterable[tuple[str, str]] = ()) -> NodeDirectory:
+        """A directory with the catch-all ranges' tables, filled from stored leases and
+        learned MACs (those of nodes no longer in the config are dropped)."""
+        pool = inventory.catch_all
+        leases = None
+        if pool is not None:
+            leases = RangeLeases(((r.network, r.first, r.last) for r in pool.ranges),
+                                 inventory.reserved_ips)
+            leases.restore(stored)
+        ported = {n.name for n in inventory.nodes if n.port is not None}
+        return cls(inventory, leases, {name: mac for name, mac in learned if name in ported})
 
     @property
     def nodes(self) -> tuple[NodeProfile, ...]:
@@ -45,9 +72,39 @@ class NodeDirectory:
     def catch_all(self) -> DynamicPool | None:
         return self.inventory.catch_all
 
-    def resolve(self, mac: str) -> NodeProfile | None:
-        """The node for a (canonical) MAC: its reservation, else a catch-all node."""
+    def resolve(self, mac: str, port: PortId | None = None) -> NodeProfile | None:
+        """The node for a (canonical) MAC, and the switch port a relay reported it on."""
+        if port is not None and (node := self.inventory.by_port(port)) is not None:
+            return node
+        node = self.inventory.reserved(mac)
+        if node is not None:
+            return node
+        name = self._learned_by_mac.get(mac)
+        if name is not None and (found := self.inventory.named(name)) is not None:
+            return found
         return self.inventory.resolve(mac)
+
+    def learn(self, node: NodeProfile, mac: str) -> bool:
+        """Remember the MAC a port-identified node booted with; True if it is new."""
+        old = self.learned.get(node.name)
+        if node.port is None or old == mac:
+            return False
+        if old is not None:
+            self._learned_by_mac.pop(old, None)
+        self.learned[node.name] = mac
+        self._learned_by_mac[mac] = node.name
+        self._learned_new.append((node.name, mac))
+        return True
+
+    def drain_learned(self) -> list[tuple[str, str]]:
+        """MACs learned since the last call, for the store."""
+        new = list(self._learned_new)
+        self._learned_new.clear()
+        return new
+
+    def mac_of(self, node: NodeProfile) -> str | None:
+        """A node's configured MAC, else the one it was last seen with."""
+        return node.macs[0] if node.macs else self.learned.get(node.name)
 
     def address_of(self, node: NodeProfile, mac: str, now: float) -> IPv4Address | None:
         """The address this node holds through `mac`: its reservation or active lease."""
@@ -60,7 +117,8 @@ class NodeDirectory:
         """The node holding `ip` now: by reservation, else by an active lease."""
         node = self.inventory.by_ip(ip)
         if node is not None:
-            return Holder(node, node.macs[0])
+            mac = self.mac_of(node)
+            return Holder(node, mac) if mac is not None else None
         if self.leases is not None:
             lease = self.leases.holder(ip)
             if lease is not None and lease.active(now):

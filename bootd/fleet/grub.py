@@ -26,27 +26,28 @@ _PER_MAC = re.compile(r"^grub\.cfg-01-([0-9a-fA-F]{2}(?:[:-][0-9a-fA-F]{2}){5})$
 class GrubConfigs:
     directory: NodeDirectory
     images: Mapping[str, ImageConfig]
-    server: str
     http_port: int
 
     def __call__(self, rel: str, client: IPv4Address, now: float) -> bytes | None:
         base = rel.rsplit("/", 1)[-1]
         m = _PER_MAC.match(base)
         if m:
-            return self.for_mac(normalize_mac(m.group(1))).encode()
+            return self.for_mac(normalize_mac(m.group(1)), client).encode()
         if base == "grub.cfg":
             found = self.directory.holder_of(client, now)
             if found is None:
                 return grub_chain(str(client)).encode()
-            return self._render(found.node, found.mac).encode()
+            return self._render(found.node, found.mac, client).encode()
         return None
 
-    def for_mac(self, mac: str) -> str:
+    def for_mac(self, mac: str, client: IPv4Address | None) -> str:
+        """The per-MAC config, with URLs to bootd's address on the client's network."""
         node = self.directory.resolve(mac)
         if node is None:
             return grub_unknown(mac)
-        return self._render(node, mac)
+        return self._render(node, mac, client)
 
-    def _render(self, node: NodeProfile, mac: str) -> str:
+    def _render(self, node: NodeProfile, mac: str, client: IPv4Address | None) -> str:
         image = self.images.get(node.image) if node.image else None
-        return grub_config(node, mac, image, self.server, self.http_port)
+        server = str(self.directory.inventory.next_server_for(client))
+        return grub_config(node, mac, image, server, self.http_port)

@@ -16,9 +16,10 @@ from typing import TypeVar
 from bootd.fleet.config import (
     BootConfig,
     Config,
-    DynamicConfig,
+    NamedNetworkConfig,
     ProfileConfig,
     dhcp_option_bytes,
+    range_bounds,
 )
 
 DYNAMIC_CACHE_SIZE = 65536  # catch-all profiles kept, oldest dropped first
@@ -39,13 +40,25 @@ class BootFiles:
 
 
 @dataclass(frozen=True)
+class PortId:
+    """A switch port as a relay names it in option 82: the relay's address (giaddr),
+    circuit-id and remote-id (RFC 3046 sub-options 1 and 2)."""
+
+    relay: IPv4Address
+    circuit_id: bytes
+    remote_id: bytes | None = None  # in a node's identity: None matches any
+
+
+@dataclass(frozen=True)
 class NodeProfile:
     """Everything bootd needs to boot one node, with no reference back to the config."""
 
     name: str
-    macs: tuple[str, ...]
+    macs: tuple[str, ...]  # empty for a node known only by its switch port
     ip: IPv4Address | None  # None: a catch-all node, address comes from the lease
     pool: str
+    network: str | None = None  # a reserved node's network; catch-all: by lease
+    port: PortId | None = None
     tags: tuple[str, ...] = ()  # in merge order
     dynamic: bool = False
     image: str | None = None
@@ -102,12 +115,10 @@ def merge_layer(base: NodeProfile, layer: ProfileConfig) -> NodeProfile:
 
 
 @dataclass(frozen=True)
-class DynamicPool:
-    name: str
+class AddressRange:
+    network: str
     first: IPv4Address
     last: IPv4Address
-    name_template: str
-    base: NodeProfile
 
     def __contains__(self, ip: object) -> bool:
         return isinstance(ip, IPv4Address) and self.first <= ip <= self.last
@@ -116,13 +127,34 @@ class DynamicPool:
     def size(self) -> int:
         return int(self.last) - int(self.first) + 1
 
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class DynamicPool:
+    name: str
+    ranges: tuple[AddressRange, ...]  # in config order; each inside one network
+    name_template: str
+    base: NodeProfile
+
+    def __contains__(self, ip: object) -> bool:
+        return any(ip in r for r in self.ranges)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.ranges)
+
 
 class Inventory:
     """Resolved node profiles keyed by every MAC they own, plus the catch-all pool."""
 
     def __init__(self, config: Config) -> None:
         by_mac: dict[str, NodeProfile] = {}
+        by_port: dict[tuple[IPv4Address, bytes], list[NodeProfile]] = {}
         nodes: list[NodeProfile] = []
+        self.networks: tuple[NamedNetworkConfig, ...] = tuple(config.all_networks())
+        self.server = config.server.address
         self.catch_all: DynamicPool | None = None
         root = merge_layer(NodeProfile(name="", macs=(), ip=None, pool=""), config.defaults)
         for pool in config.pools:
@@ -133,19 +165,33 @@ class Inventory:
                 prof = merge_layer(pool_prof, node)
                 for tag in node.tags:
                     prof = merge_layer(prof, config.tags[tag])
+                port = None
+                if node.port is not None:
+                    remote = node.port.remote_id
+                    port = PortId(node.port.relay, node.port.circuit_id.encode(),
+                                  remote.encode() if remote is not None else None)
                 prof = replace(prof, name=node.name, macs=tuple(node.mac), ip=node.ip,
-                               tags=_append_unique(pool_prof.tags, node.tags))
+                               tags=_append_unique(pool_prof.tags, node.tags),
+                               network=self.network_name(node.ip), port=port)
                 nodes.append(prof)
                 for mac in node.mac:
                     by_mac[mac] = prof
+                if port is not None:
+                    by_port.setdefault((port.relay, port.circuit_id), []).append(prof)
             if pool.dynamic is not None and self.catch_all is None:
-                self.catch_all = _dynamic_pool(pool.name, pool.dynamic,
-                                               replace(pool_prof, dynamic=True))
+                ranges = []
+                for text in pool.dynamic.all_ranges():
+                    first, last = range_bounds(text)
+                    ranges.append(AddressRange(self.network_name(first) or "", first, last))
+                self.catch_all = DynamicPool(pool.name, tuple(ranges), pool.dynamic.name,
+                                             replace(pool_prof, dynamic=True))
         self._by_mac = by_mac
+        self._by_port = by_port
         self.nodes: tuple[NodeProfile, ...] = tuple(nodes)
         self.reserved_ips: frozenset[IPv4Address] = frozenset(
             n.ip for n in nodes if n.ip is not None)
         self._by_ip = {n.ip: n for n in nodes}
+        self._by_name = {n.name: n for n in nodes}
         self._dynamic_cache: dict[str, NodeProfile] = {}
 
     def reserved(self, mac: str) -> NodeProfile | None:
@@ -174,7 +220,33 @@ class Inventory:
     def by_ip(self, ip: IPv4Address) -> NodeProfile | None:
         return self._by_ip.get(ip)
 
+    def named(self, name: str) -> NodeProfile | None:
+        return self._by_name.get(name)
 
-def _dynamic_pool(name: str, dyn: DynamicConfig, base: NodeProfile) -> DynamicPool:
-    first, last = dyn.bounds()
-    return DynamicPool(name=name, first=first, last=last, name_template=dyn.name, base=base)
+    def by_port(self, port: PortId) -> NodeProfile | None:
+        """The node cabled to this switch port (a node naming no remote-id matches any)."""
+        candidates = self._by_port.get((port.relay, port.circuit_id), ())
+        exact = [n for n in candidates if n.port is not None
+                 and n.port.remote_id is not None and n.port.remote_id == port.remote_id]
+        wildcard = [n for n in candidates if n.port is not None and n.port.remote_id is None]
+        return next(iter(exact or wildcard), None)
+
+    def network_of(self, ip: IPv4Address) -> NamedNetworkConfig | None:
+        for net in self.networks:
+            if ip in net.subnet:
+                return net
+        return None
+
+    def next_server_for(self, client: IPv4Address | None) -> IPv4Address:
+        """bootd's address as a client's network reaches it (for URLs and GRUB)."""
+        net = self.network_of(client) if client is not None else None
+        return net.next_server or self.server if net is not None else self.server
+
+    def network_name(self, ip: IPv4Address | str | None) -> str | None:
+        """The name of the network holding an address (given as text too), if any."""
+        try:
+            address = IPv4Address(ip) if ip is not None else None
+        except ValueError:
+            return None
+        net = self.network_of(address) if address is not None else None
+        return net.name if net is not None else None

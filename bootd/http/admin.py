@@ -48,10 +48,15 @@ RELOAD = web.AppKey[Reload | None]("reload")
 routes = web.RouteTableDef()
 
 
-def _node_json(node: NodeProfile) -> dict[str, object]:
+def _node_json(node: NodeProfile, directory: NodeDirectory) -> dict[str, object]:
+    learned = directory.learned.get(node.name)
     return {
         "name": node.name, "pool": node.pool, "macs": list(node.macs),
-        "ip": str(node.ip) if node.ip else None, "tags": list(node.tags),
+        "ip": str(node.ip) if node.ip else None, "network": node.network,
+        "port": None if node.port is None else {
+            "relay": str(node.port.relay), "circuit_id": node.port.circuit_id.decode(),
+            "remote_id": node.port.remote_id.decode() if node.port.remote_id else None},
+        "learned_mac": learned, "tags": list(node.tags),
         "image": node.image, "cluster": node.cluster, "labels": dict(node.labels),
         "taints": list(node.taints), "kernel_args": list(node.kernel_args),
         "dynamic": node.dynamic,
@@ -60,9 +65,11 @@ def _node_json(node: NodeProfile) -> dict[str, object]:
 
 def _all_nodes(directory: NodeDirectory) -> list[dict[str, object]]:
     """Configured nodes, then catch-all nodes holding an active lease."""
-    out = [_node_json(n) for n in directory.nodes]
+    out = [_node_json(n, directory) for n in directory.nodes]
     for holder, ip, expires in directory.active_leases(time.time()):
-        out.append({**_node_json(holder.node), "ip": str(ip), "lease_expires": expires})
+        out.append({**_node_json(holder.node, directory), "ip": str(ip),
+                    "network": directory.inventory.network_name(ip),
+                    "lease_expires": expires})
     return out
 
 
@@ -105,7 +112,7 @@ async def node_detail(request: web.Request) -> web.Response:
     for entry in _all_nodes(request.app[SETTINGS].get().directory):
         macs = entry["macs"]
         assert isinstance(macs, list)
-        if wanted in (entry["name"], entry["ip"], *macs):
+        if wanted in (entry["name"], entry["ip"], entry["learned_mac"], *macs):
             return web.json_response(entry)
     raise web.HTTPNotFound(text=f"no node {wanted!r}\n")
 
@@ -120,7 +127,8 @@ async def tokens_status(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Every node seen or configured: where it is in its boot (see `bootd status`)."""
     directory = request.app[SETTINGS].get().directory
-    return web.json_response(_recorder(request).status_document(directory.nodes))
+    return web.json_response(_recorder(request).status_document(
+        directory.nodes, directory.inventory.network_name))
 
 
 @routes.get("/api/v1/status/{node}")
@@ -136,7 +144,9 @@ async def status_detail(request: web.Request) -> web.Response:
         attempts = max(1, int(request.query.get("attempts", "1")))
     except ValueError:
         raise web.HTTPBadRequest(text="bootd: attempts must be a number\n") from None
-    return web.json_response({"now": time.time(), **state.to_json(with_history=attempts)})
+    network = request.app[SETTINGS].get().directory.inventory.network_name(state.ip)
+    return web.json_response({"now": time.time(), **state.to_json(with_history=attempts),
+                              "network": network})
 
 
 @routes.post("/api/v1/reload")

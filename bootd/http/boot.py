@@ -37,6 +37,7 @@ from bootd.fleet.images import PARTS, FileVersion, ImageHashes, image_path, vers
 from bootd.fleet.inventory import NodeProfile
 from bootd.fleet.mac import mac_dashed, normalize_mac
 from bootd.fleet.render import (
+    base_url,
     cloud_meta_data,
     cloud_network_config,
     cloud_user_data,
@@ -70,7 +71,7 @@ class BootSettings:
     """What the boot network app takes from one config load."""
 
     directory: NodeDirectory
-    url: str  # how nodes reach this app: http://<server.address>:<http_port>
+    http_port: int
     images: Mapping[str, ImageConfig]
     clusters: Mapping[str, ClusterConfig]
     tokens: Mapping[str, TokenProvider]
@@ -79,7 +80,20 @@ class BootSettings:
     grub: GrubConfigs
     ipxe_attempts: int
     ipxe_retry_interval: int
-    domain: str | None
+
+    def domain_for(self, node: NodeProfile) -> str | None:
+        """The DNS domain of the node's network (a catch-all node's: by its address)."""
+        inventory = self.directory.inventory
+        net = next((n for n in inventory.networks if n.name == node.network), None)
+        if net is None and (mac := self.directory.mac_of(node)) is not None:
+            address = self.directory.address_of(node, mac, time.time())
+            net = inventory.network_of(address) if address is not None else None
+        return net.domain if net is not None else None
+
+    def url_for(self, client: IPv4Address | None) -> str:
+        """How this client reaches this app: its network's next_server (else
+        server.address) and the HTTP port."""
+        return base_url(str(self.directory.inventory.next_server_for(client)), self.http_port)
 
     def image_versions(self) -> list[FileVersion]:
         """The image files present now (hashed in the background at load)."""
@@ -146,7 +160,8 @@ async def generic_script(request: web.Request) -> web.Response:
     mac = request.query.get("mac")
     if mac:
         return await _node_script(settings, _mac_or_400(mac), request)
-    return web.Response(text=ipxe_generic(settings.url), content_type="text/plain")
+    return web.Response(text=ipxe_generic(settings.url_for(_client_ip(request))),
+                        content_type="text/plain")
 
 
 @routes.get("/nodes/{mac}/boot.ipxe")
@@ -157,6 +172,8 @@ async def node_script(request: web.Request) -> web.Response:
 
 async def _node_script(settings: BootSettings, mac: str, request: web.Request,
                        ) -> web.Response:
+    url = settings.url_for(_client_ip(request))
+
     def give_up(what: str) -> web.Response:
         _event(request, events.REFUSED if node is None else events.IPXE_SCRIPT, node, mac,
                "refused" if node is None else "error", reason=what)
@@ -164,7 +181,7 @@ async def _node_script(settings: BootSettings, mac: str, request: web.Request,
             attempt = max(1, int(request.query.get("attempt", "1")))
         except ValueError:
             attempt = 1
-        text = ipxe_give_up(what, f"{settings.url}/nodes/{mac_dashed(mac)}/boot.ipxe",
+        text = ipxe_give_up(what, f"{url}/nodes/{mac_dashed(mac)}/boot.ipxe",
                             attempt, settings.ipxe_attempts, settings.ipxe_retry_interval)
         return web.Response(text=text, content_type="text/plain")
 
@@ -186,14 +203,15 @@ async def _node_script(settings: BootSettings, mac: str, request: web.Request,
         rootfs_sha = await settings.hashes.sha256(version)
     log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
     _event(request, events.IPXE_SCRIPT, node, mac, image=node.image)
-    return web.Response(text=ipxe_node(node, mac, image, settings.url, rootfs_sha),
+    return web.Response(text=ipxe_node(node, mac, image, url, rootfs_sha),
                         content_type="text/plain")
 
 
 @routes.get("/nodes/{mac}/grub.cfg")
 async def grub_config(request: web.Request) -> web.Response:
     mac = _mac_or_400(request.match_info["mac"])
-    return web.Response(text=_settings(request).grub.for_mac(mac), content_type="text/plain")
+    text = _settings(request).grub.for_mac(mac, _client_ip(request))
+    return web.Response(text=text, content_type="text/plain")
 
 
 @routes.get("/nodes/{mac}/beacon")
@@ -340,7 +358,8 @@ def _secret_material(request: web.Request, mac: str, what: str,
 async def join(request: web.Request) -> web.Response:
     mac = _mac_or_400(request.match_info["mac"])
     node, cluster, token = _secret_material(request, mac, "join-script")
-    return web.Response(text=join_script(node, mac, _settings(request).url, cluster, token),
+    url = _settings(request).url_for(_client_ip(request))
+    return web.Response(text=join_script(node, mac, url, cluster, token),
                         content_type="text/x-shellscript", headers={"Cache-Control": "no-store"})
 
 
@@ -352,7 +371,8 @@ async def cloud_init(request: web.Request) -> web.Response:
     doc = request.match_info["doc"]
     if doc == "user-data":
         node, cluster, token = _secret_material(request, mac, "cloud-init-user-data")
-        text = cloud_user_data(node, mac, settings.url, cluster, token, settings.domain)
+        text = cloud_user_data(node, mac, settings.url_for(_client_ip(request)), cluster,
+                               token, settings.domain_for(node))
         return web.Response(text=text, content_type="text/cloud-config",
                             headers={"Cache-Control": "no-store"})
     if doc == "vendor-data":

@@ -200,3 +200,90 @@ class LeaseTable:
     def requeue(self, changes: list[LeaseChange]) -> None:
         """Changes the store could not take: written first with the next batch."""
         self._changes = changes + self._changes
+
+
+class RangeLeases:
+    """The catch-all pool's lease tables, one per address range, each tagged with the
+    network it lies in. A client is offered an address only from its own network's
+    ranges; everything else finds the table that holds the address."""
+
+    def __init__(self, ranges: Iterable[tuple[str, IPv4Address, IPv4Address]],
+                 reserved: Iterable[IPv4Address] = (), **table_args: float) -> None:
+        held = frozenset(reserved)
+        self.tables: tuple[tuple[str, LeaseTable], ...] = tuple(
+            (network, LeaseTable(first, last, held, **table_args))
+            for network, first, last in ranges)
+
+    def table_for(self, ip: IPv4Address) -> LeaseTable | None:
+        return next((t for _, t in self.tables if ip in t), None)
+
+    def __contains__(self, ip: object) -> bool:
+        return isinstance(ip, IPv4Address) and self.table_for(ip) is not None
+
+    def __len__(self) -> int:
+        return sum(len(t) for _, t in self.tables)
+
+    def lookup(self, mac: str) -> Lease | None:
+        """The client's latest lease in any range (the one that expires last)."""
+        found = [lease for _, t in self.tables if (lease := t.lookup(mac)) is not None]
+        return max(found, key=lambda lease: lease.expires, default=None)
+
+    def holder(self, ip: IPv4Address) -> Lease | None:
+        table = self.table_for(ip)
+        return table.holder(ip) if table is not None else None
+
+    def leases(self) -> list[Lease]:
+        return [lease for _, t in self.tables for lease in t.leases()]
+
+    def is_free_for(self, ip: IPv4Address, mac: str, now: float) -> bool:
+        table = self.table_for(ip)
+        return table is not None and table.is_free_for(ip, mac, now)
+
+    def offer(self, mac: str, now: float, requested: IPv4Address | None, network: str,
+              ) -> IPv4Address | None:
+        """An address from `network`'s ranges, in config order; None when all are full."""
+        tables = [t for name, t in self.tables if name == network]
+        for table in tables:  # the client's previous address first, in any of them
+            prev = table.lookup(mac)
+            if prev is not None and table.is_free_for(prev.ip, mac, now):
+                return table.offer(mac, now, requested)
+        for table in tables:
+            ip = table.offer(mac, now, requested if requested in table else None)
+            if ip is not None:
+                return ip
+        return None
+
+    def bind(self, mac: str, ip: IPv4Address, now: float, lease_time: float,
+             hostname: str | None = None) -> Lease:
+        table = self.table_for(ip)
+        assert table is not None, f"{ip} is in no range (callers check is_free_for)"
+        return table.bind(mac, ip, now, lease_time, hostname)
+
+    def release(self, mac: str, ip: IPv4Address, now: float) -> bool:
+        table = self.table_for(ip)
+        return table is not None and table.release(mac, ip, now)
+
+    def decline(self, mac: str, ip: IPv4Address, now: float) -> bool:
+        table = self.table_for(ip)
+        return table is not None and table.decline(mac, ip, now)
+
+    def forget_offer(self, mac: str) -> None:
+        for _, table in self.tables:
+            table.forget_offer(mac)
+
+    def restore(self, leases: Iterable[Lease]) -> int:
+        kept = 0
+        for lease in leases:
+            table = self.table_for(lease.ip)
+            if table is not None:
+                kept += table.restore([lease])
+        return kept
+
+    def drain_changes(self) -> list[LeaseChange]:
+        return [change for _, t in self.tables for change in t.drain_changes()]
+
+    def requeue(self, changes: list[LeaseChange]) -> None:
+        for _, table in self.tables:
+            mine = [c for c in changes if c.ip in table]
+            if mine:
+                table.requeue(mine)

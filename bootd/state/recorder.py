@@ -153,15 +153,19 @@ class Recorder:
     def states(self) -> list[NodeState]:
         return [s for key in self._nodes if (s := self.state(key)) is not None]
 
-    def status_document(self, configured: Iterable[NodeProfile]) -> dict[str, Any]:
+    def status_document(self, configured: Iterable[NodeProfile],
+                        network_of: Callable[[str | None], str | None] = lambda ip: None,
+                        ) -> dict[str, Any]:
         """The `bootd status -o json` document: every node seen, then every configured
-        node never seen (stage `never-seen`)."""
+        node never seen (stage `never-seen`); `network_of` names the network of an
+        address."""
         seen = {s.key: s for s in self.states()}
-        nodes = [s.to_json() for s in seen.values()]
+        nodes = [{**s.to_json(), "network": network_of(s.ip)} for s in seen.values()]
         for node in configured:
             if node.name not in seen:
-                nodes.append({"node": node.name, "mac": node.macs[0],
+                nodes.append({"node": node.name, "mac": node.macs[0] if node.macs else None,
                               "ip": str(node.ip) if node.ip else None, "pool": node.pool,
+                              "network": node.network,
                               "stage": "never-seen", "stalled": False, "since": None,
                               "first_seen": None, "last_seen": None, "attempts": 0,
                               "last_error": None, "last_boot_time": None})

@@ -6,9 +6,10 @@ which is what "a restart loses no lease" needs, at tens of microseconds per comm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from types import MappingProxyType
@@ -16,7 +17,7 @@ from types import MappingProxyType
 from bootd.state.events import BootEvent
 from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, LeaseState
 
-SCHEMA_VERSION = 2  # 2: boot events
+SCHEMA_VERSION = 3  # 2: boot events; 3: MACs learned for port-identified nodes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -41,6 +42,10 @@ CREATE TABLE IF NOT EXISTS events (
     detail  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_key ON events (key, attempt);
+CREATE TABLE IF NOT EXISTS learned_macs (
+    node TEXT PRIMARY KEY,
+    mac  TEXT NOT NULL
+);
 """
 
 
@@ -74,6 +79,18 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """One write transaction: committed whole, or rolled back and re-raised."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
     @classmethod
     def in_state_dir(cls, state_dir: Path) -> Store:
         return cls(state_dir / "bootd.sqlite3")
@@ -93,9 +110,7 @@ class Store:
         rows = list(changes)
         if not rows:
             return
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as cur:
             for change in rows:
                 if isinstance(change, LeaseDeleted):
                     cur.execute("DELETE FROM leases WHERE ip = ?", (str(change.ip),))
@@ -106,17 +121,24 @@ class Store:
                         (str(change.ip), change.mac, change.state.value, change.expires,
                          change.hostname),
                     )
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+
+    def load_learned(self) -> list[tuple[str, str]]:
+        """(node, MAC) for nodes identified by switch port: the MAC each was last seen
+        with. An older database without the table has none."""
+        try:
+            return list(self._db.execute("SELECT node, mac FROM learned_macs"))
+        except sqlite3.OperationalError:
+            return []
+
+    def save_learned(self, rows: Iterable[tuple[str, str]]) -> None:
+        with self._transaction() as cur:
+            cur.executemany("INSERT OR REPLACE INTO learned_macs (node, mac) VALUES (?, ?)",
+                            list(rows))
 
     def append_events(self, batch: list[tuple[BootEvent, int]], keep_attempts: int) -> None:
         """One transaction: the batch, then each touched node's attempts beyond the last
         `keep_attempts` are deleted."""
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as cur:
             cur.executemany(
                 "INSERT INTO events (ts, key, attempt, stage, node, mac, ip, pool, outcome,"
                 " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -127,10 +149,7 @@ class Store:
                 latest[e.key] = max(attempt, latest.get(e.key, 0))
             cur.executemany("DELETE FROM events WHERE key = ? AND attempt <= ?",
                             [(key, top - keep_attempts) for key, top in latest.items()])
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+
 
     def load_events(self) -> list[tuple[BootEvent, int]]:
         rows = self._db.execute(

@@ -19,7 +19,6 @@ from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.inventory import Inventory
 from bootd.fleet.mac import mac_to_bytes
 from bootd.ops.metrics import Metrics
-from bootd.state.leases import LeaseTable
 from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 
@@ -36,9 +35,7 @@ CATCH_ALL = CONFIG + "  - name: any\n    dynamic: {range: 10.0.0.100-10.0.0.110}
 def context(text: str) -> DhcpContext:
     cfg = parse_config(text)
     inv = Inventory(cfg)
-    pool = inv.catch_all
-    leases = LeaseTable(pool.first, pool.last, inv.reserved_ips) if pool else None
-    return DhcpContext(NodeDirectory(inv, leases), DhcpSettings.from_config(cfg))
+    return DhcpContext(NodeDirectory.build(inv), DhcpSettings.from_config(cfg))
 
 
 def packet(mtype: MessageType, mac: str, **options: bytes) -> bytes:

@@ -15,7 +15,6 @@ from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.filetree import FileTree, Forbidden, NotFound, normalize_name
 from bootd.fleet.grub import GrubConfigs
 from bootd.fleet.inventory import Inventory
-from bootd.state.leases import LeaseTable
 
 CLIENT = IPv4Address("10.0.0.5")
 
@@ -163,10 +162,8 @@ CONFIG = textwrap.dedent("""\
 def grub(config: str = CONFIG) -> tuple[GrubConfigs, NodeDirectory]:
     cfg = parse_config(config)
     inv = Inventory(cfg)
-    pool = inv.catch_all
-    leases = LeaseTable(pool.first, pool.last) if pool is not None else None
-    directory = NodeDirectory(inv, leases)
-    return GrubConfigs(directory, cfg.images, "10.0.0.1", 8080), directory
+    directory = NodeDirectory.build(inv)
+    return GrubConfigs(directory, cfg.images, 8080), directory
 
 
 def test_grub_per_mac_config_any_spelling() -> None:

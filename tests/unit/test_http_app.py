@@ -146,7 +146,7 @@ async def test_grub_over_http_matches_tftp(boot: TestClient[web.Request, web.App
                                            tree: Path) -> None:
     text = await (await boot.get("/nodes/02:00:00:00:00:01/grub.cfg")).text()
     ctx = context(tree)
-    assert text == ctx.boot.grub.for_mac("02:00:00:00:00:01")
+    assert text == ctx.boot.grub.for_mac("02:00:00:00:00:01", None)
     assert "linux (http,127.0.0.53:8080)/images/k8s/kernel" in text
 
 

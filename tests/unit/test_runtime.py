@@ -209,7 +209,7 @@ def test_restart_only_settings_are_reported_and_kept(files: Path) -> None:
     result = rt.reload()
     assert result.ok and result.restart_required == ["server.http_port"]
     assert rt.snapshot.config.server.http_port == 8080
-    assert rt.snapshot.boot.url == "http://127.0.0.53:8080"
+    assert rt.snapshot.boot.url_for(None) == "http://127.0.0.53:8080"
 
 
 def test_token_providers_survive_a_reload_that_keeps_clusters(files: Path) -> None:
