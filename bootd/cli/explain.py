@@ -11,11 +11,11 @@ from ipaddress import IPv4Address
 
 from bootd.dhcp.decide import DhcpContext, DhcpSettings, decide
 from bootd.dhcp.options import Opt
-from bootd.dhcp.outcomes import Offered
+from bootd.dhcp.outcomes import Exhausted, Offered, UnknownRelay, WrongNetwork
 from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
 from bootd.fleet.config import Config
 from bootd.fleet.directory import NodeDirectory
-from bootd.fleet.inventory import Inventory, NodeProfile
+from bootd.fleet.inventory import Inventory, NodeProfile, PortId
 from bootd.fleet.mac import mac_to_bytes
 from bootd.fleet.render import base_url, ipxe_node, join_script, kernel_cmdline
 
@@ -31,7 +31,10 @@ def firmware_identity(arch: str) -> tuple[bytes, bytes]:
     return struct.pack("!H", code), f"{client}:Arch:{code:05d}:UNDI:003000".encode()
 
 
-def synthetic_discover(mac: str, arch: str, ipxe: bool) -> DhcpPacket:
+def synthetic_discover(mac: str, arch: str, ipxe: bool, relay: IPv4Address | None = None,
+                       circuit_id: str | None = None) -> DhcpPacket:
+    """A DISCOVER as this firmware sends it, relayed by `relay` (with option 82's
+    circuit-id, as a leaf switch adds it) if given."""
     client_arch, vendor_class = firmware_identity(arch)
     options: dict[int, bytes] = {
         Opt.MESSAGE_TYPE: bytes((MessageType.DISCOVER,)),
@@ -40,8 +43,12 @@ def synthetic_discover(mac: str, arch: str, ipxe: bool) -> DhcpPacket:
     }
     if ipxe:
         options[Opt.USER_CLASS] = b"iPXE"
+    if relay is not None and circuit_id:
+        raw = circuit_id.encode()[:255]
+        options[Opt.RELAY_AGENT_INFO] = bytes((1, len(raw))) + raw
     return DhcpPacket(op=BOOTREQUEST, xid=0x12345678, chaddr=mac_to_bytes(mac),
-                      flags=0x8000, options=options)
+                      flags=0x8000, giaddr=relay or IPv4Address(0), hops=1 if relay else 0,
+                      options=options)
 
 
 def option_text(code: int, value: bytes) -> str:
@@ -68,10 +75,15 @@ def _layers(config: Config, node: NodeProfile) -> str:
     return " < ".join(parts)
 
 
-def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False) -> str:
+def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
+            relay: IPv4Address | None = None, circuit_id: str | None = None) -> str:
     inventory = Inventory(config)
-    node = inventory.resolve(mac)
-    out = [f"MAC {mac}"]
+    directory = NodeDirectory.build(inventory)
+    request = synthetic_discover(mac, arch, ipxe, relay, circuit_id)
+    port = PortId(relay, circuit_id.encode()) if relay and circuit_id else None
+    node = directory.resolve(mac, port)
+    out = [f"MAC {mac}" + (f" relayed by {relay}" if relay else "")
+           + (f", circuit-id {circuit_id!r}" if port else "")]
     if node is None:
         out.append("  not in the inventory and there is no catch-all pool: bootd does not "
                    "answer its DHCP, and its iPXE script says so and exits to the next "
@@ -80,17 +92,30 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False) ->
     out += [
         f"node      {node.name}{' (catch-all: name from the MAC)' if node.dynamic else ''}",
         f"pool      {node.pool}",
+        f"network   {node.network or '(by the address leased)'}"
+        + (f"   port {node.port.relay} {node.port.circuit_id.decode()!r}" if node.port else ""),
         f"merged    {_layers(config, node)}",
         f"image     {node.image or '-'}   cluster {node.cluster or '-'}",
         f"labels    {', '.join(f'{k}={v}' for k, v in node.labels.items()) or '-'}",
         f"taints    {', '.join(node.taints) or '-'}",
     ]
-    ctx = DhcpContext(NodeDirectory.build(inventory), DhcpSettings.from_config(config))
-    outcome = decide(synthetic_discover(mac, arch, ipxe), ctx, 0.0)
+    ctx = DhcpContext(directory, DhcpSettings.from_config(config))
+    outcome = decide(request, ctx, 0.0, config.server.interfaces[0])
     out.append("")
-    note = outcome.note if isinstance(outcome, Offered) else ""
-    out.append(f"DHCP answer to a {arch}{' iPXE' if ipxe else ''} DISCOVER: {outcome.kind}"
-               + (f" ({note})" if note else ""))
+    match outcome:
+        case Offered(note=note):
+            why = note
+        case WrongNetwork(seen_on=seen_on):
+            why = f"node {node.name} is on {node.network}, the request comes from {seen_on}"
+        case UnknownRelay(giaddr=giaddr):
+            why = f"relay {giaddr} is in no declared network: never answered"
+        case Exhausted(network=network):
+            why = f"no free address in {network}'s ranges"
+        case _:
+            why = ""
+    where = f" via {relay}" if relay else ""
+    out.append(f"DHCP answer to a {arch}{' iPXE' if ipxe else ''} DISCOVER{where}: "
+               f"{outcome.kind}" + (f" ({why})" if why else ""))
     if isinstance(outcome, Offered):
         reply = decode(encode(outcome.reply.packet, outcome.reply.max_size))
         note = " (first free in the catch-all range)" if node.ip is None else ""
@@ -98,7 +123,8 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False) ->
                    f"boot file {reply.file.decode() or '-'}")
         out += [option_text(code, value) for code, value in reply.options.items()]
     image = config.images.get(node.image) if node.image else None
-    url = base_url(str(config.server.address), config.server.http_port)
+    address = (reply.yiaddr if isinstance(outcome, Offered) else node.ip) or relay
+    url = base_url(str(inventory.next_server_for(address)), config.server.http_port)
     out.append("")
     if image is None:
         out.append("iPXE script: none (no image configured); the node is told so and exits")

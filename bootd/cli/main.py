@@ -14,12 +14,13 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Sequence
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 from bootd import __version__
 from bootd.fleet.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from bootd.fleet.inventory import Inventory
+from bootd.fleet.inventory import Inventory, NodeProfile
 
 
 def _summary(config: Config, path: str) -> str:
@@ -233,7 +234,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bootd explain: {exc}", file=sys.stderr)
         return 2
-    print(explain(config, mac, args.arch, args.ipxe))
+    print(explain(config, mac, args.arch, args.ipxe, args.relay, args.circuit_id))
     return 0
 
 
@@ -246,15 +247,27 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     answer, _ = _status_answer(args)
     seen = {n["node"]: n for n in (answer or {}).get("nodes", []) if n.get("attempts")}
     nodes = Inventory(config).nodes
+
+    def identity(n: NodeProfile) -> str:
+        """MACs, or the switch port (and the MAC last seen there)."""
+        if n.port is None:
+            return ",".join(n.macs)
+        seen_mac = seen[n.name]["mac"] if n.name in seen else None
+        port = f"port {n.port.relay}/{n.port.circuit_id.decode()}"
+        return f"{port} ({seen_mac})" if seen_mac else port
+
     if args.output == "json":
         print(json.dumps([{
             "node": n.name, "pool": n.pool, "macs": list(n.macs), "ip": str(n.ip),
+            "network": n.network, "port": None if n.port is None else {
+                "relay": str(n.port.relay), "circuit_id": n.port.circuit_id.decode()},
             "tags": list(n.tags), "labels": dict(n.labels), "taints": list(n.taints),
             "seen": seen[n.name]["stage"] if n.name in seen else "never"} for n in nodes],
             indent=2))
         return 0
-    header = ["NAME", "POOL", "MACS", "IP", "TAGS", "LABELS", "TAINTS", "SEEN"]
-    table = [header] + [[n.name, n.pool, ",".join(n.macs), str(n.ip), ",".join(n.tags) or "-",
+    header = ["NAME", "POOL", "NETWORK", "MACS", "IP", "TAGS", "LABELS", "TAINTS", "SEEN"]
+    table = [header] + [[n.name, n.pool, n.network or "-", identity(n), str(n.ip),
+                         ",".join(n.tags) or "-",
                          ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
                          ",".join(n.taints) or "-",
                          str(seen[n.name]["stage"]) if n.name in seen else "never"]
@@ -332,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["bios", "efi32", "efi64", "arm64", "http"],
                    default="bios")
     p.add_argument("--ipxe", action="store_true", help="the request comes from iPXE")
+    p.add_argument("--relay", type=IPv4Address, metavar="GIADDR",
+                   help="the request is relayed by this relay agent (giaddr)")
+    p.add_argument("--circuit-id", help="with --relay: option 82 circuit-id (switch port)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("nodes", help="configured inventory and whether each was seen")

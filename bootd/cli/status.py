@@ -1,7 +1,7 @@
 """`bootd status`: the boot of every node at a glance, from the daemon or its database.
 
 Output `-o json` is a stable schema: {"now": <unix time>, "nodes": [{"node", "mac", "ip",
-"pool", "stage", "stalled", "since", "first_seen", "last_seen", "attempts", "last_error",
+"pool", "network", "stage", "stalled", "since", "first_seen", "last_seen", "attempts", "last_error",
 "last_boot_time"}]}; `bootd status NODE -o json` adds "history": [{"number", "started",
 "outcome", "duration", "steps": [{"stage", "offset", "duration", "outcome", "detail"}]}].
 """
@@ -78,9 +78,13 @@ def table(answer: dict[str, Any], *, wide: bool, colour: bool, pool: str | None 
             and (stage is None or r["stage"] == stage
                  or (stage == "stalled" and r["stalled"]))]
     rows.sort(key=_order)
+    # a routed fleet: which network each node is on (one network: nothing to tell)
+    routed = wide or len({r.get("network") for r in answer["nodes"]} - {None}) > 1
     header = ["NAME", "MAC", "IP", "POOL", "STAGE", "SINCE", "BOOT TIME", "LAST ERROR"]
     if wide:
         header[7:7] = ["ATTEMPTS", "FIRST SEEN", "LAST SEEN"]
+    if routed:
+        header[4:4] = ["NETWORK"]
     lines = [header]
     for r in rows:
         stage_text = r["stage"] + (" (stalled)" if r["stalled"] else "")
@@ -92,6 +96,8 @@ def table(answer: dict[str, Any], *, wide: bool, colour: bool, pool: str | None 
                           ago(r["last_seen"], now)]
         else:
             cells[-1] = cells[-1][:60]
+        if routed:
+            cells[4:4] = [r.get("network") or "-"]
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []

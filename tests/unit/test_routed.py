@@ -262,3 +262,32 @@ def test_one_network_shorthand_is_named_default() -> None:
     cfg = parse_config("server: {interfaces: [br0], address: 10.0.0.1}\n"
                        "network: {subnet: 10.0.0.0/24}\n")
     assert [n.name for n in cfg.all_networks()] == ["default"]
+
+
+def test_explain_a_relayed_request(tmp_path: Path) -> None:
+    from bootd.cli.explain import explain
+
+    cfg = parse_config(CONFIG)
+    text = explain(cfg, "52:54:00:dd:00:01", relay=RELAY2, circuit_id="Ethernet7")
+    assert "relayed by 10.2.0.1, circuit-id 'Ethernet7'" in text
+    assert "node      r2n7" in text and "network   rack2" in text
+    assert "address 10.2.0.17" in text and "next-server 10.0.0.2" in text
+    wrong = explain(cfg, "02:00:00:01:00:01", relay=RELAY2)
+    assert "wrong-network (node r1n1 is on rack1, the request comes from rack2)" in wrong
+    stray = explain(cfg, "02:00:00:01:00:01", relay=IPv4Address("192.0.2.1"))
+    assert "unknown-relay (relay 192.0.2.1 is in no declared network" in stray
+
+
+def test_status_table_shows_networks_only_when_routed() -> None:
+    from bootd.cli.status import table
+
+    row = {"node": "a", "mac": "m", "ip": "10.1.0.5", "pool": "p", "stage": "joined",
+           "stalled": False, "since": 0.0, "first_seen": 0.0, "last_seen": 0.0,
+           "attempts": 1, "last_error": None, "last_boot_time": 1.0}
+    one = table({"now": 1.0, "nodes": [{**row, "network": "default"}]}, wide=False,
+                colour=False)
+    assert "NETWORK" not in one
+    two = table({"now": 1.0, "nodes": [{**row, "network": "rack1"},
+                                      {**row, "node": "b", "network": "rack2"}]},
+                wide=False, colour=False)
+    assert "NETWORK" in two.splitlines()[0] and "rack2" in two
