@@ -86,7 +86,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.dhcp_only:
         return run_lab()
     try:
-        return run_vm_lab(args.vms, args.uefi, image=args.image)
+        return run_vm_lab(args.vms, args.uefi, image=args.image, racks=args.racks)
     except KeyboardInterrupt:
         print("\nbootd lab: interrupted; namespaces and VMs removed", file=sys.stderr)
         return 130
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, metavar="DIR",
                    help="boot this image (from images/build-production-image.sh) instead "
                    "of the test image")
+    p.add_argument("--racks", type=int, default=0, metavar="N",
+                   help="put the VMs in N rack subnets behind a router and a DHCP relay")
     p.add_argument("--dhcp-only", action="store_true",
                    help="no VMs: DHCP clients speaking like firmware, iPXE and Linux")
     p.set_defaults(func=cmd_lab)

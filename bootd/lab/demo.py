@@ -2,9 +2,11 @@
 
 By default it builds (or reuses) the test image, starts bootd on a namespace bridge with a
 generated config and PXE boots QEMU VMs with empty disks (BIOS + iPXE, or `--uefi` with
-OVMF) until they have joined, showing `bootd status` as they go. `--dhcp-only` instead
-plays the DHCP stage with real udhcpc clients speaking like BIOS PXE, UEFI PXE, iPXE, a
-booted Linux and an unknown machine. Everything is removed afterwards, also on Ctrl-C.
+OVMF) until they have joined, showing `bootd status` as they go. `--racks N` puts the VMs
+in N rack subnets behind a router running a DHCP relay, as in a routed datacenter.
+`--dhcp-only` instead plays the DHCP stage with real udhcpc clients speaking like BIOS
+PXE, UEFI PXE, iPXE, a booted Linux and an unknown machine. Everything is removed
+afterwards, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import yaml
 
 from bootd.lab.netlab import LabError, NetLab, netns_available
+from bootd.lab.racks import SERVER_IP as RACKS_SERVER_IP
+from bootd.lab.racks import Racks, missing_for_racks
 
 SERVER_IP = "10.250.0.1"
 
@@ -60,10 +64,16 @@ pools:
 """
 
 
-VM_CONFIG = """\
+FLAT_NETWORK = """\
 server: {{interfaces: [br0], address: {server}, state_dir: {tmp}/state,
          api: {tmp}/state/api.sock, drain_timeout: 2s}}
 network: {{subnet: 10.250.0.0/24, gateway: {server}, dns: [{server}], domain: lab.bootd}}
+"""
+ROUTED_NETWORK = """\
+server: {{interfaces: [up0], address: {server}, state_dir: {tmp}/state,
+         api: {tmp}/state/api.sock, drain_timeout: 2s}}
+{networks}"""
+VM_CONFIG = """\
 tftp: {{root: {tmp}}}
 images:
   test: {{kernel: {image}/vmlinuz, initrd: {image}/initrd.img,
@@ -77,10 +87,24 @@ tags:
 pools:
   - name: workers
     nodes:
-      - {{name: worker-1, mac: "52:54:00:b0:07:01", ip: 10.250.0.11, tags: [gpu]}}
+      - {{name: worker-1, mac: "52:54:00:b0:07:01", ip: {worker_ip}, tags: [gpu]}}
   - name: catch-all
-    dynamic: {{range: 10.250.0.100-10.250.0.149, name: "node-{{mac}}"}}
+    dynamic: {{ranges: [{ranges}], name: "node-{{mac}}"}}
 """
+
+
+def vm_config(tmp: Path, image: Path, cmdline: str, racks: Racks | None) -> str:
+    """bootd's config for the VM lab: one bridge, or the racks of a routed lab."""
+    if racks is None:
+        head = FLAT_NETWORK.format(server=SERVER_IP, tmp=tmp)
+        worker_ip, ranges = "10.250.0.11", "10.250.0.100-10.250.0.149"
+    else:
+        head = ROUTED_NETWORK.format(server=RACKS_SERVER_IP, tmp=tmp,
+                                     networks=racks.networks_yaml())
+        worker_ip, ranges = "10.61.1.11", racks.catch_all_ranges()
+    return head + VM_CONFIG.format(tmp=tmp, image=image, zeros="0" * 64,
+                                   cmdline=json.dumps(cmdline), worker_ip=worker_ip,
+                                   ranges=ranges)
 
 
 IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.squashfs")
@@ -102,16 +126,18 @@ def image_cmdline(image: Path) -> str:
 
 
 def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
-               timeout: float = 400, image: Path | None = None) -> int:
+               timeout: float = 400, image: Path | None = None, racks: int = 0) -> int:
     """Boot `vms` QEMU VMs from bootd; the first is a reserved node, the rest unknown.
     `image`: a directory from images/build-production-image.sh (or any with vmlinuz,
-    initrd.img and rootfs.squashfs) instead of the test image."""
+    initrd.img and rootfs.squashfs) instead of the test image. `racks`: that many rack
+    subnets behind a router and a DHCP relay, VMs spread over them."""
     from bootd.lab.vms import VmLab, build_test_image, missing_for_vms
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)  # type: ignore[call-overload]
 
-    if (why := missing_for_vms(uefi)) is not None:
+    why = missing_for_vms(uefi) or (missing_for_racks() if racks else None)
+    if why is not None:
         say(f"bootd lab: {why}; `bootd lab --dhcp-only` needs only udhcpc")
         return 2
     if image is None:
@@ -129,16 +155,23 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
     tty = hasattr(out, "isatty") and out.isatty()
     with tempfile.TemporaryDirectory(prefix="bootd-lab-") as d, NetLab("bootdlab") as lab:
         tmp = Path(d)
-        config = VM_CONFIG.format(server=SERVER_IP, tmp=tmp, image=image, zeros="0" * 64,
-                                  cmdline=json.dumps(cmdline))
-        vmlab = VmLab(lab, tmp, config, f"{SERVER_IP}/24")
-        say(f"lab: bootd serving on br0 {SERVER_IP}/24 in namespace {vmlab.ns}")
+        rack_lab = Racks(lab, tmp, racks) if racks else None
+        vmlab = VmLab(lab, tmp, vm_config(tmp, image, cmdline, rack_lab), f"{SERVER_IP}/24",
+                      racks=rack_lab)
+        if rack_lab is None:
+            say(f"lab: bootd serving on br0 {SERVER_IP}/24 in namespace {vmlab.ns}")
+        else:
+            say(f"lab: bootd on {RACKS_SERVER_IP} in namespace {vmlab.ns}, one router hop "
+                f"from {racks} rack(s) (10.61.N.0/24) whose DHCP dhcrelay forwards to it")
         macs = [f"52:54:00:b0:07:{i + 1:02x}" for i in range(vms)]
         started = time.monotonic()
-        for mac in macs:
-            vmlab.start_vm(mac, uefi=uefi, memory_mib=memory)
+        for i, mac in enumerate(macs):
+            bridge = f"rack{i % racks + 1}" if racks else "br0"
+            vmlab.start_vm(mac, uefi=uefi, memory_mib=memory, bridge=bridge)
+        placed = [f"{mac} ({f'rack{i % racks + 1}' if racks else 'br0'})"
+                  for i, mac in enumerate(macs)]
         say(f"lab: {vms} {'UEFI' if uefi else 'BIOS'} VM(s) powered on with empty disks: "
-            + ", ".join(macs))
+            + ", ".join(placed))
         last_print = 0.0
         while time.monotonic() - started < timeout:
             done = vmlab.outcomes()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bootd.lab.netlab import NetLab, netns_available
+from bootd.lab.racks import Racks
 from bootd.state.events import FINISHED
 
 # The recipe ships as package data, so `bootd lab` works from an installed wheel.
@@ -51,13 +52,18 @@ def build_test_image() -> Path:
 
 
 class VmLab:
-    """A bridge, bootd serving it with `config`, and VMs on taps attached to it."""
+    """bootd serving with `config`, and VMs on taps: on one bridge beside bootd (br0,
+    `server_cidr` on it), or on the rack bridges of a routed lab (`racks`)."""
 
-    def __init__(self, lab: NetLab, tmp: Path, config: str, server_cidr: str) -> None:
+    def __init__(self, lab: NetLab, tmp: Path, config: str, server_cidr: str = "",
+                 *, racks: Racks | None = None) -> None:
         self.lab, self.tmp = lab, tmp
-        self.ns = lab.namespace("vm")
-        lab.bridge(self.ns, "br0")
-        lab.address(self.ns, "br0", server_cidr)
+        if racks is None:
+            self.ns = self.vm_ns = lab.namespace("vm")
+            lab.bridge(self.ns, "br0")
+            lab.address(self.ns, "br0", server_cidr)
+        else:  # bootd in the server namespace, VMs on the router's rack bridges
+            self.ns, self.vm_ns = racks.srv, racks.rtr
         self.config = tmp / "bootd.yaml"
         self.config.write_text(config)
         self.log = tmp / "bootd.log"
@@ -65,11 +71,12 @@ class VmLab:
         self.vms: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
     def start_vm(self, mac: str, *, uefi: bool = False, memory_mib: int = 512,
-                 dead_nic: bool = False) -> None:
+                 dead_nic: bool = False, bridge: str = "br0") -> None:
         """`dead_nic`: a second NIC with a link but no DHCP server behind it, as an
-        uncabled-to-anything-useful server port (BIOS only: OVMF would try to PXE from it)."""
+        uncabled-to-anything-useful server port (BIOS only: OVMF would try to PXE from it).
+        `bridge`: where the VM is cabled (a rack's bridge in a routed lab)."""
         tap = f"tap{len(self.vms)}"
-        self.lab.tap(self.ns, tap, "br0")
+        self.lab.tap(self.vm_ns, tap, bridge)
         console = self.tmp / f"console-{mac.replace(':', '')}.log"
         firmware: list[str] = []
         nic = f"virtio-net-pci,netdev=n0,mac={mac}"
@@ -79,7 +86,7 @@ class VmLab:
             firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                         "-drive", f"if=pflash,format=raw,file={variables}"]
             nic += ",romfile="
-        proc = self.lab.spawn(self.ns, [
+        proc = self.lab.spawn(self.vm_ns, [
             "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-nographic",
             "-no-reboot",
             *firmware, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
@@ -90,7 +97,7 @@ class VmLab:
     def _dead_nic(self, tap: str, mac: str, wanted: bool) -> list[str]:
         if not wanted:
             return []
-        self.lab.tap(self.ns, f"{tap}x", None)
+        self.lab.tap(self.vm_ns, f"{tap}x", None)
         second = mac[:-2] + f"{int(mac[-2:], 16) ^ 0x80:02x}"
         return ["-netdev", f"tap,id=n1,ifname={tap}x,script=no,downscript=no",
                 "-device", f"virtio-net-pci,netdev=n1,mac={second},romfile="]
