@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""DHCP benchmark: perfdhcp against bootd and dnsmasq, in the same namespaces, same run.
+"""DHCP benchmark: perfdhcp against bootd, Kea and dnsmasq, same namespaces, same run.
 
-    sudo python bench/dhcp.py                 # 1,000/s for 10 s (10,000 clients), then a ramp
-    sudo python bench/dhcp.py --rates 1000 --seconds 10
+    python bench/dhcp.py                      # as root: 250..4,000/s, 10 s each
+    python bench/dhcp.py --rates 1000,4000 --seconds 10 --servers kea,bootd
+    python bench/dhcp.py --relays 4           # relayed traffic from 4 rack subnets
 
 For each server and rate it prints the achieved 4-way exchange rate, drops, median and p99
-DISCOVER->OFFER and REQUEST->ACK latency, and the server's CPU seconds, then bootd/dnsmasq
-ratios. perfdhcp acts as a relay (giaddr = its own address), so both servers answer
-unicast to it. Every run is bounded by perfdhcp's -p and a timeout; traffic stays inside
-the namespaces this script creates.
+DISCOVER->OFFER and REQUEST->ACK latency, and the server's CPU seconds, then ratios of
+bootd against Kea (the anchor: kea-dhcp4 2.2 with a persisted memfile) and dnsmasq (a
+floor). perfdhcp acts as a relay (giaddr = its own address), so every server answers
+unicast to it. With `--relays N` there are N relays: N client namespaces, each cabled to
+the server on its own rack subnet and running its own perfdhcp at RATE/N (its address is
+the giaddr), and every server serves the N rack subnets. (perfdhcp's own -J, one process
+naming several giaddrs, is not used: its replies come back to addresses it does not
+own.) Every run is bounded by
+perfdhcp's -p and a timeout; traffic stays inside the namespaces this script creates.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -22,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # the project root instead of bench/, whose http.py would shadow the standard library
@@ -33,6 +40,42 @@ from bootd.lab.netlab import NetLab, netns_available
 SERVER_IP = "10.78.0.1"
 CLIENT_IP = "10.78.0.2"
 RANGE = ("10.78.1.0", "10.78.255.254")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kea_binary() -> str | None:
+    """kea-dhcp4 unpacked by scripts/install-deps (no service started), else installed."""
+    unpacked = ROOT / ".cache" / "incumbents" / "usr" / "sbin" / "kea-dhcp4"
+    return str(unpacked) if unpacked.exists() else shutil.which("kea-dhcp4")
+
+
+@dataclass
+class Plan:
+    """The address plan every server gets: one /16, or N relayed rack /16s."""
+
+    relays: int
+    relay_namespaces: list[str] = field(default_factory=list)
+
+    def racks(self) -> list[tuple[str, str, str, str]]:
+        """(subnet, relay address = giaddr, first, last) per rack."""
+        # a /16 each: a range must outlast -R clients at the highest rate
+        return [(f"10.{80 + n}.0.0/16", f"10.{80 + n}.0.1", f"10.{80 + n}.1.0",
+                 f"10.{80 + n}.255.254") for n in range(1, self.relays + 1)]
+
+    def server_address(self, n: int) -> str:
+        """The server's own address on rack n's leg: where that relay sends."""
+        return f"10.{80 + n}.0.254"
+
+    @property
+    def interfaces(self) -> list[str]:
+        """The server's DHCP interfaces: one leg, or one per relay."""
+        return [f"rly{n}" for n in range(1, self.relays + 1)] if self.relays else ["srv0"]
+
+    def ranges(self) -> list[tuple[str, str, str]]:
+        """(subnet, first, last) of every range."""
+        if not self.relays:
+            return [("10.78.0.0/16", *RANGE)]
+        return [(s, a, b) for s, _, a, b in self.racks()]
 
 
 @dataclass
@@ -66,33 +109,71 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def start_bootd(lab: NetLab, ns: str, tmp: Path) -> subprocess.Popen[bytes]:
+def start_bootd(lab: NetLab, ns: str, tmp: Path, plan: Plan) -> subprocess.Popen[bytes]:
     state = tmp / "bootd-state"
     shutil.rmtree(state, ignore_errors=True)
     config = tmp / "bootd.yaml"
+    networks = "".join(f"  - {{name: rack{i + 1}, subnet: {s}, gateway: {g}, "
+                       f"next_server: {plan.server_address(i + 1)}}}\n"
+                       for i, (s, g, _, _) in enumerate(plan.racks()))
+    ranges = ", ".join(f"{a}-{b}" for _, a, b in plan.ranges())
     config.write_text(
-        f"server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {state}}}\n"
-        f"network: {{subnet: 10.78.0.0/16, lease_time: 1h}}\n"
-        f"pools:\n  - name: any\n    dynamic: {{range: {RANGE[0]}-{RANGE[1]}}}\n")
+        f"server: {{interfaces: [{', '.join(plan.interfaces)}], address: {SERVER_IP}, "
+        f"state_dir: {state}}}\n"
+        "networks:\n  - {name: core, subnet: 10.78.0.0/16, lease_time: 1h}\n" + networks
+        + f"pools:\n  - name: any\n    dynamic: {{ranges: [{ranges}]}}\n")
     log = tmp / "bootd.log"
     log.unlink(missing_ok=True)
     return lab.start_bootd(ns, config, log)
 
 
-def start_dnsmasq(lab: NetLab, ns: str, tmp: Path) -> subprocess.Popen[bytes]:
+def start_kea(lab: NetLab, ns: str, tmp: Path, plan: Plan) -> subprocess.Popen[bytes]:
+    """kea-dhcp4 as Debian configures it (memfile, persisted; INFO logging), UDP sockets
+    since every client here is relayed."""
+    leases = tmp / "kea-leases4.csv"
+    for old in tmp.glob("kea-leases4.csv*"):
+        old.unlink()
+    log = tmp / "kea.log"
+    log.unlink(missing_ok=True)
+    config = tmp / "kea-dhcp4.conf"
+    config.write_text(json.dumps({"Dhcp4": {
+        "interfaces-config": {"interfaces": plan.interfaces, "dhcp-socket-type": "udp"},
+        "lease-database": {"type": "memfile", "persist": True, "name": str(leases),
+                           "lfc-interval": 0},
+        "valid-lifetime": 3600, "authoritative": True,
+        "subnet4": [{"id": i + 1, "subnet": s, "pools": [{"pool": f"{a} - {b}"}]}
+                    for i, (s, a, b) in enumerate(plan.ranges())],
+        "loggers": [{"name": "kea-dhcp4", "severity": "INFO",
+                     "output_options": [{"output": str(log)}]}],
+    }}))
+    kea = kea_binary()
+    assert kea is not None
+    proc = lab.spawn(ns, ["env", f"KEA_PIDFILE_DIR={tmp}", f"KEA_LOCKFILE_DIR={tmp}",
+                          kea, "-c", str(config)],
+                     stdout=subprocess.DEVNULL, stderr=(tmp / "kea.err").open("wb"))
+    wait_for(log, "DHCP4_STARTED", proc)
+    return proc
+
+
+def start_dnsmasq(lab: NetLab, ns: str, tmp: Path, plan: Plan) -> subprocess.Popen[bytes]:
     leases = tmp / "dnsmasq.leases"
     leases.unlink(missing_ok=True)
     log = tmp / "dnsmasq.log"
+    ranges = [f"--dhcp-range={a},{b},255.255.0.0,1h" for _, a, b in plan.ranges()]
     # Defaults a fleet operator would change for load: no ping-before-offer, a lease limit
     # that fits the test; DHCP transactions are logged as they are by default.
     proc = lab.spawn(ns, [
-        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=srv0",
-        "--bind-interfaces", f"--dhcp-range={RANGE[0]},{RANGE[1]},255.255.0.0,1h",
+        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+        *(f"--interface={name}" for name in plan.interfaces),
+        "--bind-interfaces", *ranges,
         f"--dhcp-leasefile={leases}", "--dhcp-lease-max=200000", "--no-ping",
         "--dhcp-authoritative", "--log-facility=-", "--user=root", "--group=root",
         f"--pid-file={tmp / 'dnsmasq.pid'}"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_for(log, "DHCP, IP range", proc)
     return proc
+
+
+STARTERS = {"bootd": start_bootd, "kea": start_kea, "dnsmasq": start_dnsmasq}
 
 
 def wait_for(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout: float = 15,
@@ -108,7 +189,7 @@ def wait_for(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout: flo
 
 
 def server_pid(proc: subprocess.Popen[bytes]) -> int:
-    """`ip netns exec` execs the command, so the child PID is the server's."""
+    """`ip netns exec` (and `env`) exec the command, so the child PID is the server's."""
     return proc.pid
 
 
@@ -127,22 +208,65 @@ def parse_perfdhcp(out: str) -> tuple[float, int, int, list[float]]:
 
 
 def run_one(lab: NetLab, server: str, srv_ns: str, cli_ns: str, tmp: Path, rate: int,
-            seconds: int, clients: int) -> Result:
-    proc = (start_bootd if server == "bootd" else start_dnsmasq)(lab, srv_ns, tmp)
+            seconds: int, clients: int, plan: Plan) -> Result:
+    proc = STARTERS[server](lab, srv_ns, tmp, plan)
     pid = server_pid(proc)
     time.sleep(0.5)
     cpu0 = cpu_seconds(pid)
-    out = lab.run(cli_ns, [
-        "perfdhcp", "-4", "-g", "single", "-l", "cli0", "-r", str(rate), "-R", str(clients),
-        "-p", str(seconds), "-t", "1", "-x", "t", SERVER_IP],
-        check=False, timeout=seconds + 60).stdout
+    # one perfdhcp per relay, at the same time, each with its share of rate and clients
+    legs = ([(ns, plan.server_address(n)) for n, ns in enumerate(plan.relay_namespaces, 1)]
+            or [(cli_ns, SERVER_IP)])
+    runs = [lab.spawn(ns, [
+        "perfdhcp", "-4", "-g", "single", "-l", "cli0", "-r", str(max(1, rate // len(legs))),
+        "-R", str(clients // len(legs)), "-p", str(seconds), "-t", "1", "-x", "t",
+        "-b", f"mac=02:{0x10 + i:02x}:00:00:00:00", target],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        for i, (ns, target) in enumerate(legs)]
+    outs = [run.communicate(timeout=seconds + 60)[0].decode() for run in runs]
     cpu = cpu_seconds(pid) - cpu0
     lab.stop(proc)
-    achieved, sent, received, delays = parse_perfdhcp(out)
+    parsed = [parse_perfdhcp(out) for out in outs]
+    achieved = sum(p[0] for p in parsed)
+    sent, received = sum(p[1] for p in parsed), sum(p[2] for p in parsed)
+    delays = [d for p in parsed for d in p[3]]
     delays.sort()
     median = statistics.median(delays) if delays else float("nan")
     p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))] if delays else float("nan")
     return Result(server, rate, achieved, sent, received, median, p99, cpu)
+
+
+def relay_setup(lab: NetLab, srv: str, plan: Plan) -> None:
+    """N relay namespaces, each cabled to the server on its own rack subnet: the server's
+    leg is rlyN (10.(80+N).0.254), the relay's cli0 is 10.(80+N).0.1, perfdhcp's giaddr."""
+    for n, (subnet, relay, _, _) in enumerate(plan.racks(), start=1):
+        ns = lab.namespace(f"r{n}")
+        lab.veth(srv, f"rly{n}", ns, "cli0")
+        prefix = subnet.split("/")[1]
+        lab.address(srv, f"rly{n}", f"10.{80 + n}.0.254/{prefix}")
+        lab.address(ns, "cli0", f"{relay}/{prefix}")
+        plan.relay_namespaces.append(ns)
+
+
+def print_ratios(results: list[Result], mine: str, other: str, rates: list[int],
+                 seconds: int) -> None:
+    print()
+    print(f"ratios {mine}/{other} (exchange rate: higher is better; latency, CPU: lower)")
+    for rate in rates:
+        b = next(r for r in results if r.server == mine and r.rate == rate)
+        d = next(r for r in results if r.server == other and r.rate == rate)
+        completed = (b.received / d.received) if d.received else float("inf")
+        print(f"  @ {rate:5}/s: completed exchanges x{completed:.2f}, "
+              f"median latency x{b.median_ms / d.median_ms:.3g}, "
+              f"p99 x{b.p99_ms / d.p99_ms:.3g}, "
+              f"cpu per exchange x{per_exchange(b) / per_exchange(d):.2f}")
+    peak = {s: max(r.received / seconds for r in results if r.server == s)
+            for s in (mine, other)}
+    clean = {s: max((r.received / seconds for r in results
+                     if r.server == s and r.drops == 0), default=0.0) for s in (mine, other)}
+    print(f"  peak completed exchanges/s: {mine} {peak[mine]:.0f}, {other} {peak[other]:.0f},"
+          f" ratio x{peak[mine] / max(peak[other], 1):.2f}")
+    print(f"  highest tested rate with zero drops: {mine} {clean[mine]:.0f}/s, "
+          f"{other} {clean[other]:.0f}/s")
 
 
 def main() -> int:
@@ -153,15 +277,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="per run (default 10)")
     parser.add_argument("--clients", type=int, default=10000,
                         help="distinct client MACs (default 10,000)")
-    parser.add_argument("--servers", default="dnsmasq,bootd")
+    parser.add_argument("--servers", default="kea,dnsmasq,bootd")
+    parser.add_argument("--relays", type=int, default=0,
+                        help="spread exchanges over N relays (rack subnets; default 0: one "
+                        "subnet, perfdhcp's own address as giaddr)")
     args = parser.parse_args()
     if (why := netns_available()) is not None:
         raise SystemExit(why)
-    for tool in ("perfdhcp", "dnsmasq"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"needs {tool} (apt-get install kea-admin dnsmasq-base)")
-    rates = [int(r) for r in args.rates.split(",")]
     servers = args.servers.split(",")
+    needed = {"perfdhcp": "kea-admin", "dnsmasq": "dnsmasq-base"}
+    for tool, package in needed.items():
+        if shutil.which(tool) is None and (tool != "dnsmasq" or "dnsmasq" in servers):
+            raise SystemExit(f"needs {tool} (apt-get install {package})")
+    if "kea" in servers and kea_binary() is None:
+        raise SystemExit("needs kea-dhcp4 (scripts/install-deps unpacks it into .cache/)")
+    rates = [int(r) for r in args.rates.split(",")]
+    plan = Plan(args.relays)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bootd-bench-") as d, NetLab("bdb") as lab:
         tmp = Path(d)
@@ -169,15 +300,20 @@ def main() -> int:
         lab.veth(srv, "srv0", cli, "cli0")
         lab.address(srv, "srv0", f"{SERVER_IP}/16")
         lab.address(cli, "cli0", f"{CLIENT_IP}/16")
+        if plan.relays:
+            relay_setup(lab, srv, plan)
         for rate in rates:
             for server in servers:
-                r = run_one(lab, server, srv, cli, tmp, rate, args.seconds, args.clients)
+                r = run_one(lab, server, srv, cli, tmp, rate, args.seconds, args.clients,
+                            plan)
                 results.append(r)
                 print(f"  {server:8} @ {rate:5}/s: {r.achieved:8.1f} exch/s, "
                       f"{r.drops} drops", flush=True)
 
     print()
-    print(f"perfdhcp -r RATE -R {args.clients} -p {args.seconds}, relay mode, "
+    where = (f"{plan.relays} relays (rack /24s)" if plan.relays
+             else "one relay (perfdhcp's own address)")
+    print(f"perfdhcp -r RATE -R {args.clients} -p {args.seconds}, {where}, "
           "2 cores shared with the client")
     print(f"{'server':8} {'rate':>6} {'achieved/s':>11} {'sent':>7} {'drops':>6} {'drop%':>6} "
           f"{'median ms':>10} {'p99 ms':>8} {'cpu s':>6} {'cpu us/exch':>11}")
@@ -186,25 +322,9 @@ def main() -> int:
         print(f"{r.server:8} {r.rate:6} {r.achieved:11.1f} {r.sent:7} {r.drops:6} "
               f"{r.drop_pct:6.2f} {r.median_ms:10.3f} {r.p99_ms:8.3f} {r.cpu_s:6.2f} "
               f"{per_k:11.1f}")
-    if {"bootd", "dnsmasq"} <= set(servers):
-        print()
-        print("ratios bootd/dnsmasq (exchange rate: higher is better; latency, CPU: lower)")
-        for rate in rates:
-            b = next(r for r in results if r.server == "bootd" and r.rate == rate)
-            d = next(r for r in results if r.server == "dnsmasq" and r.rate == rate)
-            completed = (b.received / d.received) if d.received else float("inf")
-            print(f"  @ {rate:5}/s: completed exchanges x{completed:.2f}, "
-                  f"median latency x{b.median_ms / d.median_ms:.3g}, "
-                  f"p99 x{b.p99_ms / d.p99_ms:.3g}, "
-                  f"cpu per exchange x{per_exchange(b) / per_exchange(d):.2f}")
-        peak = {s: max(r.received / args.seconds for r in results if r.server == s)
-                for s in servers}
-        clean = {s: max((r.received / args.seconds for r in results
-                         if r.server == s and r.drops == 0), default=0.0) for s in servers}
-        print(f"  peak completed exchanges/s: bootd {peak['bootd']:.0f}, dnsmasq "
-              f"{peak['dnsmasq']:.0f}, ratio x{peak['bootd'] / max(peak['dnsmasq'], 1):.2f}")
-        print(f"  highest tested rate with zero drops: bootd {clean['bootd']:.0f}/s, "
-              f"dnsmasq {clean['dnsmasq']:.0f}/s")
+    for other in ("kea", "dnsmasq"):
+        if {"bootd", other} <= set(servers):
+            print_ratios(results, "bootd", other, rates, args.seconds)
     return 0
 
 

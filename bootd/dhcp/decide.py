@@ -12,6 +12,7 @@ to DISCOVER instead of waiting out a timeout.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,9 +106,10 @@ class DhcpSettings:
         return cls(server, config.server.http_port, networks, MappingProxyType(local),
                    fallback)
 
-    @property
+    @functools.cached_property
     def addresses(self) -> frozenset[IPv4Address]:
-        """Every address of ours a client may name as server identifier."""
+        """Every address of ours a client may name as server identifier (once per load:
+        it is read for every REQUEST)."""
         return frozenset({self.server, *(n.next_server for n in self.networks)})
 
     def network_of(self, ip: IPv4Address) -> NetworkSettings | None:
