@@ -8,6 +8,7 @@ Output `-o json` is a stable schema: {"now": <unix time>, "nodes": [{"node", "ma
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -17,6 +18,13 @@ from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 
 RESET, RED, GREEN, YELLOW, DIM = "\033[0m", "\033[31m", "\033[32m", "\033[33m", "\033[2m"
+# C0 and C1 controls and DEL: a node's message must not drive the operator's terminal
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: object) -> str:
+    """Text from a node or the network, safe to print: controls shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
 
 
 def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
@@ -98,7 +106,7 @@ def table(answer: dict[str, Any], *, wide: bool, colour: bool, pool: str | None 
             cells[-1] = cells[-1][:60]
         if routed:
             cells[4:4] = [r.get("network") or "-"]
-        lines.append(cells)
+        lines.append([printable(cell) for cell in cells])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
@@ -133,4 +141,4 @@ def timeline(answer: dict[str, Any]) -> str:
             took = duration(step["duration"]) if step["duration"] is not None else ""
             out.append(f"  +{step['offset']:9.3f}s  {step['stage']:<16}{took:>9}{mark}  "
                        f"{detail}".rstrip())
-    return "\n".join(out)
+    return "\n".join(printable(line) for line in out)

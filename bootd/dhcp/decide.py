@@ -152,13 +152,22 @@ def decide(req: DhcpPacket, ctx: DhcpContext, now: float, interface: str = "") -
         return Dropped(f"{mtype.name} is a server message")
     if req.giaddr != ZERO:
         network = ctx.settings.network_of(req.giaddr)
-        if network is None:
+        if network is None or not _is_host(req.giaddr, network):
+            # a relay is a host on its network: its broadcast or network address as giaddr
+            # would make bootd broadcast to a whole segment
             return UnknownRelay(req.giaddr, mac)
     else:
         network = ctx.settings.local.get(interface, ctx.settings.fallback)
         if network is None:
             return Dropped(f"interface {interface!r} is on none of bootd's networks")
     return handler(req, mac, ctx, now, Place(network, _port_of(req)))
+
+
+def _is_host(ip: IPv4Address, net: NetworkSettings) -> bool:
+    """A unicast host address of the network (not its network or broadcast address)."""
+    s = net.subnet
+    return ip in s and (s.prefixlen >= 31 or ip not in (s.network_address,
+                                                          s.broadcast_address))
 
 
 def _port_of(req: DhcpPacket) -> PortId | None:
@@ -276,8 +285,9 @@ def _decline(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float,
 
 def _inform(req: DhcpPacket, mac: str, ctx: DhcpContext, now: float,
             place: Place) -> Outcome:
-    if req.ciaddr == ZERO or req.ciaddr not in place.network.subnet:
-        return Dropped(f"INFORM from {req.ciaddr}, not on {place.network.name}")
+    if not _is_host(req.ciaddr, place.network):
+        return Dropped(f"INFORM from {req.ciaddr}, not a host address of "
+                       f"{place.network.name}")
     node = ctx.directory.resolve(mac, place.port)
     reply, boot, note = _answer(req, MessageType.ACK, node, None, place.network, ctx)
     return Informed(reply, node, req.ciaddr, boot, note)

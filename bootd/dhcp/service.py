@@ -20,8 +20,11 @@ Rules:
    event are chosen by a `match` on the class, never by reading text.
 5. Logging an unknown MAC is limited per MAC (once a minute), so a client retrying
    every second logs once, and many unknown machines are each logged once. The same
-   holds for a reserved node seen on the wrong network (per MAC) and for a relay in no
-   declared network (per relay address): never one line per packet.
+   holds for a reserved node seen on the wrong network (per MAC), a relay in no declared
+   network (per relay address), an exhausted range (per network) and a failing lease
+   store: never one line per packet.
+7. INFORM is answered at most INFORM_BURST at once and INFORM_RATE a second per client
+   address; beyond that it is counted and dropped, unlogged.
 6. The snapshot is read once per datagram: a reload between two datagrams swaps it,
    a reload never lands in the middle of one.
 """
@@ -56,7 +59,7 @@ from bootd.dhcp.outcomes import (
 from bootd.dhcp.packet import DhcpError, DhcpPacket, MessageType, decode, encode
 from bootd.fleet.inventory import NodeProfile
 from bootd.ops.metrics import Metrics
-from bootd.ops.ratelimit import RateLimiter
+from bootd.ops.ratelimit import RateLimiter, TokenBucket
 from bootd.state import events
 from bootd.state.events import BootEvent
 from bootd.state.recorder import Recorder
@@ -66,6 +69,7 @@ log = structlog.get_logger("bootd.dhcp")
 
 UNKNOWN_MAC_LOG_INTERVAL = 60.0
 UNKNOWN_MAC_MEMORY = 4096
+INFORM_RATE, INFORM_BURST = 1.0, 5.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,11 @@ class DhcpService:
         self.recorder = recorder
         self.unknown_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY)
         self.relay_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY)
+        self.trouble_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, 64)  # per kind of trouble
+        self.informs = TokenBucket(INFORM_RATE, INFORM_BURST, UNKNOWN_MAC_MEMORY)
         self._packets = {kind: metrics.dhcp_packets.labels(kind) for kind in (
-            "malformed", "store-failed", *(c.kind for c in _OUTCOME_CLASSES))}
+            "malformed", "store-failed", "rate-limited",
+            *(c.kind for c in _OUTCOME_CLASSES))}
 
     def handle(self, data: bytes, interface: str, now: float) -> Datagram | None:
         try:
@@ -99,9 +106,13 @@ class DhcpService:
             self._packets["malformed"].inc()
             log.debug("dhcp drop malformed", interface=interface, error=str(exc))
             return None
+        if request.message_type is MessageType.INFORM and not self.informs.allow(
+                str(request.ciaddr), now):
+            self._packets["rate-limited"].inc()
+            return None
         ctx = self.context()
         outcome = decide(request, ctx, now, interface)
-        if not self._persist(ctx):
+        if not self._persist(ctx, now):
             return None
         self._packets[outcome.kind].inc()
         self._log(outcome, request, interface, now)
@@ -115,7 +126,7 @@ class DhcpService:
                 return Datagram(encode(packet, reply.max_size), reply.dest, reply.port, chaddr)
         return None
 
-    def _persist(self, ctx: DhcpContext) -> bool:
+    def _persist(self, ctx: DhcpContext, now: float) -> bool:
         """Write queued lease changes and learned MACs; False (and nothing sent) if the
         store failed."""
         directory = ctx.directory
@@ -136,8 +147,9 @@ class DhcpService:
         except Exception as exc:  # a full or broken disk: answer nobody, keep the changes
             leases.requeue(changes)
             self._packets["store-failed"].inc()
-            log.error("dhcp lease store write failed; reply withheld", error=str(exc),
-                      pending=len(changes))
+            if self.trouble_log.allow("store", now):
+                log.error("dhcp lease store write failed; replies withheld until it works "
+                          "(logged once a minute)", error=str(exc), pending=len(changes))
             return False
         self.metrics.dhcp_leases.set(len(leases))
         return True
@@ -176,8 +188,10 @@ class DhcpService:
                     log.warning("dhcp unknown-relay", **fields, relay=str(giaddr),
                                 detail="relay address in no declared network: not answered")
             case Exhausted(node=node, network=network):
-                log.warning("dhcp exhausted", **fields, **_node_fields(node), network=network,
-                            detail="the catch-all ranges of this network have no free address")
+                if self.trouble_log.allow(f"exhausted:{network}", now):
+                    log.warning("dhcp exhausted", **fields, **_node_fields(node),
+                                network=network, detail="the catch-all ranges of this network"
+                                " have no free address (logged once a minute)")
             case NotForUs(server_id=server, ip=ip):
                 log.debug("dhcp not-for-us", **fields, ip=str(ip) if ip else None,
                           detail=f"client selected server {server}")

@@ -59,8 +59,10 @@ log = structlog.get_logger("bootd.http")
 
 EVENT_MAX_BYTES = 4096
 EVENT_RATE, EVENT_BURST = 5.0, 20.0  # per node: bursts of 20 reports, then 5 a second
-_STAGE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_TOKEN_LIKE = re.compile(r"\b[a-z0-9]{6}\.[a-z0-9]{16}\b")  # kubeadm bootstrap token
+_STAGE = re.compile(r"[a-z][a-z0-9-]{0,31}")  # fullmatch: "failed\n" is not a stage
+# a kubeadm bootstrap token, wherever it stands (also glued to other word characters)
+_TOKEN_LIKE = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}", re.IGNORECASE)
+_EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-0+\s*")  # "the last 0 bytes": unsatisfiable
 # the boot event an image part's fetch is recorded as
 PART_STAGES = MappingProxyType({"kernel": events.KERNEL, "initrd": events.INITRD,
                                 "rootfs": events.ROOTFS})
@@ -252,12 +254,20 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     settings = _settings(request)
     name, part = request.match_info["image"], request.match_info["part"]
     version = _image_version(settings, name, part)
+    _refuse_empty_suffix(request, version.size)
     response = _ImageResponse(version.path, settings, name, part,
                               _honour_if_range(request, version))
     digest = settings.hashes.cached(version)
     if digest is not None:
         response.headers["X-Checksum-Sha256"] = digest
     return response
+
+
+def _refuse_empty_suffix(request: web.Request, size: int) -> None:
+    """`Range: bytes=-0` asks for the last zero bytes: 416 (RFC 9110 14.1.2), where
+    aiohttp would send the whole file as a 206."""
+    if _EMPTY_SUFFIX.fullmatch(request.headers.get("Range", "")):
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
 
 
 def _honour_if_range(request: web.Request, version: FileVersion) -> web.Request:
@@ -319,6 +329,8 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text=f"{exc}\n") from None
     if isinstance(found, bytes):
         return web.Response(body=found, content_type="text/plain")
+    with contextlib.suppress(OSError):  # vanished since: FileResponse answers 404
+        _refuse_empty_suffix(request, found.stat().st_size)
     return web.FileResponse(found, headers={"Content-Type": "application/octet-stream"})
 
 
@@ -404,7 +416,12 @@ async def node_event(request: web.Request) -> web.Response:
                                             actual_size=request.content_length or 0)
     if not request.app[EVENT_LIMIT].allow(str(request.remote), time.monotonic()):
         raise web.HTTPTooManyRequests(text="bootd: slow down\n")
-    raw = await request.content.read(EVENT_MAX_BYTES + 1)
+    raw = b""
+    while len(raw) <= EVENT_MAX_BYTES:  # a body may arrive in several TCP segments
+        chunk = await request.content.read(EVENT_MAX_BYTES + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > EVENT_MAX_BYTES:
         raise web.HTTPRequestEntityTooLarge(max_size=EVENT_MAX_BYTES, actual_size=len(raw))
     try:
@@ -414,7 +431,7 @@ async def node_event(request: web.Request) -> web.Response:
     except (ValueError, KeyError, TypeError):
         raise web.HTTPBadRequest(
             text='bootd: expected {"stage": ..., "message": ...}\n') from None
-    if not _STAGE.match(stage):
+    if not _STAGE.fullmatch(stage):
         raise web.HTTPBadRequest(text=f"bootd: bad stage {stage[:40]!r}\n")
     message = _TOKEN_LIKE.sub("<token>", message)  # a node's own report may echo its token
     metrics.node_events.labels(stage).inc()

@@ -127,3 +127,47 @@ def test_events_follow_outcome_types(tmp_path: Path, text: str) -> None:
     assert stranger is not None
     expected = "refused" if text == CONFIG else "dhcp-offer"
     assert stranger.stage == expected
+
+
+def test_inform_to_a_broadcast_address_is_never_answered(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    for ciaddr in ("10.0.0.255", "10.0.0.0"):
+        data = packet(MessageType.INFORM, "02:00:00:00:00:01")
+        raw = bytearray(data)
+        raw[12:16] = IPv4Address(ciaddr).packed  # ciaddr
+        assert svc.handle(bytes(raw), "br0", 0.0) is None, ciaddr
+
+
+def test_informs_are_rate_limited_per_client_address(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    raw = bytearray(packet(MessageType.INFORM, "02:00:00:00:00:01"))
+    raw[12:16] = IPv4Address("10.0.0.5").packed
+    with capture_logs() as logs:
+        answered = sum(svc.handle(bytes(raw), "br0", 100.0) is not None for _ in range(200))
+    assert answered == 5  # the burst, then nothing within the same second
+    assert len([e for e in logs if e["event"] == "dhcp inform"]) == 5
+    assert svc.metrics.dhcp_packets.labels("rate-limited")._value.get() == 195
+    assert svc.handle(bytes(raw), "br0", 102.0) is not None  # refilled
+
+
+def test_exhaustion_and_store_failures_are_logged_once_a_minute(tmp_path: Path) -> None:
+    tiny = CATCH_ALL.replace("10.0.0.100-10.0.0.110", "10.0.0.100-10.0.0.100")
+    svc = service(tmp_path, tiny)
+    assert svc.handle(packet(MessageType.DISCOVER, "52:54:00:00:01:00"), "br0", 0.0)
+    with capture_logs() as logs:
+        for i in range(1, 30):
+            assert svc.handle(packet(MessageType.DISCOVER, f"52:54:00:00:01:{i:02x}"),
+                              "br0", float(i)) is None
+    assert [e["event"] for e in logs].count("dhcp exhausted") == 1
+    assert svc.metrics.dhcp_packets.labels("exhausted")._value.get() == 29
+    broken = Store(tmp_path / "b.sqlite3")
+    broken.close()
+    svc.store = broken
+    assert svc.handle(packet(MessageType.DISCOVER, "52:54:00:00:01:00"), "br0", 100.0)
+    with capture_logs() as logs:
+        for t in range(5):
+            request = packet(MessageType.REQUEST, "52:54:00:00:01:00",
+                             REQUESTED_IP=IPv4Address("10.0.0.100").packed,
+                             SERVER_ID=IPv4Address("10.0.0.1").packed)
+            assert svc.handle(request, "br0", 101.0 + t) is None
+    assert len([e for e in logs if "store write failed" in e["event"]]) == 1

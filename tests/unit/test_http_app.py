@@ -394,3 +394,59 @@ async def test_tokens_echoed_by_nodes_are_scrubbed(tree: Path) -> None:
         assert TOKEN not in message and "--token <token> --x" in message
     finally:
         await client.close()
+
+
+async def test_stage_with_a_trailing_newline_is_refused(tree: Path) -> None:
+    client = await client_for(boot_of(context(tree)))
+    try:
+        resp = await client.post("/api/v1/events", data=b'{"stage": "failed\\n"}')
+        assert resp.status == 400
+    finally:
+        await client.close()
+
+
+async def test_a_report_split_across_segments_is_read_whole(tree: Path) -> None:
+    recorder = Recorder(None, EventPolicy(600, 2))
+    client = await client_for(boot_of(context(tree), recorder))
+
+    async def slowly() -> AsyncIterator[bytes]:
+        import asyncio
+
+        yield b'{"stage": "jo'
+        await asyncio.sleep(0.2)  # the rest arrives in a later segment
+        yield b'ined", "message": "ok"}'
+
+    try:
+        resp = await client.post("/api/v1/events", data=slowly())
+        assert resp.status == 204
+        state = recorder.state("me")
+        assert state is not None and state.stage == "joined"
+    finally:
+        await client.close()
+
+
+async def test_empty_suffix_range_is_416(boot: TestClient[web.Request, web.Application],
+                                         tree: Path) -> None:
+    size = (tree / "img" / "vmlinuz").stat().st_size
+    for url, length in (("/images/k8s/kernel", size), ("/boot/snponly.efi", 3)):
+        resp = await boot.get(url, headers={"Range": "bytes=-0"})
+        assert resp.status == 416, url
+        assert resp.headers["Content-Range"] == f"bytes */{length}"
+        ok = await boot.get(url, headers={"Range": "bytes=-1"})
+        assert ok.status == 206 and len(await ok.read()) == 1
+
+
+async def test_tokens_glued_to_other_characters_are_scrubbed(tree: Path) -> None:
+    recorder = Recorder(None, EventPolicy(600, 2))
+    client = await client_for(boot_of(context(tree), recorder))
+    try:
+        for message in (f"tokx{TOKEN}_", f"--token={TOKEN.upper()}"):
+            resp = await client.post("/api/v1/events", json={"stage": "kubeadm",
+                                                             "message": message})
+            assert resp.status == 204
+        state = recorder.state("me")
+        assert state is not None
+        logged = [str(s.detail.get("message")) for s in state.history[-1].steps]
+        assert logged[-2:] == ["tokx<token>_", "--token=<token>"]
+    finally:
+        await client.close()

@@ -63,3 +63,23 @@ def test_timeline() -> None:
     text = timeline(answer)
     assert "attempt 3" in text and "joined" in text
     assert "+    0.000s  dhcp-discover        0.1s  firmware=bios" in text
+
+
+def test_node_supplied_text_cannot_drive_the_terminal() -> None:
+    """An event message with a clear-screen, colours and an OSC title is shown escaped."""
+    from bootd.cli.status import printable
+
+    evil = "boom\x1b[2J\x1b[31mred\x1b]0;owned\x07\x9b"
+    row = {"node": "n\x1b[2J", "mac": "m", "ip": "1.2.3.4", "pool": "p", "stage": "failed",
+           "stalled": False, "since": 0.0, "first_seen": 0.0, "last_seen": 0.0,
+           "attempts": 1, "last_error": f"failed: {evil}", "last_boot_time": None}
+    out = table({"now": 1.0, "nodes": [row]}, wide=True, colour=False)
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "boom\\x1b[2J\\x1b[31mred\\x1b]0;owned\\x07\\x9b" in out
+    detail = {**row, "now": 1.0, "history": [{"number": 1, "started": 0.0, "outcome": "failed",
+                                  "duration": 1.0, "steps": [{
+                                      "stage": "failed", "offset": 0.0, "duration": None,
+                                      "outcome": "error", "detail": {"message": evil}}]}]}
+    text = timeline(detail)
+    assert "\x1b" not in text and "\x07" not in text
+    assert printable("tab\there") == "tab\\x09here"
