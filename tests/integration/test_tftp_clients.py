@@ -59,8 +59,16 @@ def raw(lab: DhcpLab, command: str, args: object) -> object:
     return json.loads(proc.stdout)
 
 
-def transfers(lab: DhcpLab) -> list[dict[str, object]]:
-    return [e for e in lab.daemons[-1].events() if e.get("event") == "tftp transfer"]
+def transfers(lab: DhcpLab, at_least: int = 1, timeout: float = 5.0,
+              ) -> list[dict[str, object]]:
+    """bootd's transfer records, once there are `at_least` of them (or the timeout is
+    up): a client exits after sending its last ACK, before bootd has logged the end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = [e for e in lab.daemons[-1].events() if e.get("event") == "tftp transfer"]
+        if len(done) >= at_least or time.monotonic() > deadline:
+            return done
+        time.sleep(0.05)
 
 
 def test_tftp_hpa_client(tftp_lab: DhcpLab) -> None:
@@ -148,7 +156,7 @@ def test_debian_ipxe_efi_symlink_is_served_from_the_fallback_dir(tftp_lab: DhcpL
     escape = run(tftp_lab, ["curl", "-sS", "--max-time", "10", "-o", "/dev/null",
                             f"tftp://{SERVER_IP}/escape"])
     assert escape.returncode == 69  # curl: TFTP access violation
-    done = [(e["file"], e["outcome"]) for e in transfers(tftp_lab)]
+    done = [(e["file"], e["outcome"]) for e in transfers(tftp_lab, at_least=3)]
     assert done.count(("ipxe.efi", "ok")) == 2 and ("escape", "error") in done
 
 
@@ -178,7 +186,8 @@ def test_hundred_concurrent_clients(tftp_lab: DhcpLab) -> None:
     assert proc.returncode == 0, proc.stderr
     want = sha(tftp_lab.tmp / "tftproot" / "1m.bin")
     assert [sha(o) for o in outs] == [want] * 100
-    ok = [t for t in transfers(tftp_lab) if t["outcome"] == "ok" and t["file"] == "1m.bin"]
+    ok = [t for t in transfers(tftp_lab, at_least=100)
+          if t["outcome"] == "ok" and t["file"] == "1m.bin"]
     assert len(ok) == 100
     # files are read block by block, never held per client: 100 copies would be 100 MiB
     assert _rss_kib(daemon.proc.pid) - rss_before < 20 * 1024
@@ -206,10 +215,8 @@ def test_ten_percent_loss_each_way_still_completes(tftp_lab: DhcpLab) -> None:
     assert proc.returncode == 0, proc.stderr
     assert sha(a) == sha(source) and sha(b) == sha(source), (
         f"after {time.monotonic() - started:.0f}s")
-    deadline = time.monotonic() + 40  # a lost final ACK is only known after the retries
-    while len(transfers(tftp_lab)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    done = transfers(tftp_lab)
+    # a lost final ACK is only known after the retries: up to 40 s
+    done = transfers(tftp_lab, at_least=2, timeout=40)
     assert [t["outcome"] in ("ok", "unconfirmed") for t in done] == [True, True], done
     assert sum(int(str(t.get("retransmits", 0))) for t in done) > 0
 
