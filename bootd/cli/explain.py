@@ -116,14 +116,15 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
     where = f" via {relay}" if relay else ""
     out.append(f"DHCP answer to a {arch}{' iPXE' if ipxe else ''} DISCOVER{where}: "
                f"{outcome.kind}" + (f" ({why})" if why else ""))
+    address = node.ip or relay  # where the node would fetch from: its network's URLs
     if isinstance(outcome, Offered):
         reply = decode(encode(outcome.reply.packet, outcome.reply.max_size))
+        address = reply.yiaddr
         note = " (first free in the catch-all range)" if node.ip is None else ""
         out.append(f"  address {reply.yiaddr}{note}, next-server {reply.siaddr}, "
                    f"boot file {reply.file.decode() or '-'}")
         out += [option_text(code, value) for code, value in reply.options.items()]
     image = config.images.get(node.image) if node.image else None
-    address = (reply.yiaddr if isinstance(outcome, Offered) else node.ip) or relay
     url = base_url(str(inventory.next_server_for(address)), config.server.http_port)
     out.append("")
     if image is None:

@@ -23,10 +23,10 @@ Rules:
    holds for a reserved node seen on the wrong network (per MAC), a relay in no declared
    network (per relay address), an exhausted range (per network) and a failing lease
    store: never one line per packet.
-7. INFORM is answered at most INFORM_BURST at once and INFORM_RATE a second per client
-   address; beyond that it is counted and dropped, unlogged.
 6. The snapshot is read once per datagram: a reload between two datagrams swaps it,
    a reload never lands in the middle of one.
+7. INFORM is answered at most INFORM_BURST at once and INFORM_RATE a second per client
+   address; beyond that it is counted and dropped, unlogged.
 """
 
 from __future__ import annotations

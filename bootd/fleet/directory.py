@@ -25,8 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from bootd.fleet.inventory import DynamicPool, Inventory, NodeProfile, PortId
+from bootd.fleet.inventory import Inventory, NodeProfile, PortId
 from bootd.state.leases import Lease, RangeLeases
+
+_NOTHING_LEARNED: list[tuple[str, str]] = []  # shared and never mutated
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,6 @@ class NodeDirectory:
         """The configured (reserved) nodes, in config order."""
         return self.inventory.nodes
 
-    @property
-    def catch_all(self) -> DynamicPool | None:
-        return self.inventory.catch_all
-
     def resolve(self, mac: str, port: PortId | None = None) -> NodeProfile | None:
         """The node for a (canonical) MAC, and the switch port a relay reported it on."""
         if port is not None and (node := self.inventory.by_port(port)) is not None:
@@ -84,20 +82,22 @@ class NodeDirectory:
             return found
         return self.inventory.resolve(mac)
 
-    def learn(self, node: NodeProfile, mac: str) -> bool:
-        """Remember the MAC a port-identified node booted with; True if it is new."""
+    def learn(self, node: NodeProfile, mac: str) -> None:
+        """Remember the MAC a port-identified node booted with."""
         old = self.learned.get(node.name)
         if node.port is None or old == mac:
-            return False
+            return
         if old is not None:
             self._learned_by_mac.pop(old, None)
         self.learned[node.name] = mac
         self._learned_by_mac[mac] = node.name
         self._learned_new.append((node.name, mac))
-        return True
 
     def drain_learned(self) -> list[tuple[str, str]]:
-        """MACs learned since the last call, for the store."""
+        """MACs learned since the last call, for the store (asked on every packet: the
+        common case, nothing new, allocates nothing)."""
+        if not self._learned_new:
+            return _NOTHING_LEARNED
         new = list(self._learned_new)
         self._learned_new.clear()
         return new

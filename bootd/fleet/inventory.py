@@ -240,7 +240,9 @@ class Inventory:
     def next_server_for(self, client: IPv4Address | None) -> IPv4Address:
         """bootd's address as a client's network reaches it (for URLs and GRUB)."""
         net = self.network_of(client) if client is not None else None
-        return net.next_server or self.server if net is not None else self.server
+        if net is None or net.next_server is None:
+            return self.server
+        return net.next_server
 
     def network_name(self, ip: IPv4Address | str | None) -> str | None:
         """The name of the network holding an address (given as text too), if any."""

@@ -18,7 +18,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -254,7 +254,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     settings = _settings(request)
     name, part = request.match_info["image"], request.match_info["part"]
     version = _image_version(settings, name, part)
-    _refuse_empty_suffix(request, version.size)
+    _refuse_empty_suffix(request, lambda: version.size)
     response = _ImageResponse(version.path, settings, name, part,
                               _honour_if_range(request, version))
     digest = settings.hashes.cached(version)
@@ -263,11 +263,12 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _refuse_empty_suffix(request: web.Request, size: int) -> None:
+def _refuse_empty_suffix(request: web.Request, size: Callable[[], int]) -> None:
     """`Range: bytes=-0` asks for the last zero bytes: 416 (RFC 9110 14.1.2), where
-    aiohttp would send the whole file as a 206."""
+    aiohttp would send the whole file as a 206. `size` is asked only then."""
     if _EMPTY_SUFFIX.fullmatch(request.headers.get("Range", "")):
-        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+        raise web.HTTPRequestRangeNotSatisfiable(
+            headers={"Content-Range": f"bytes */{size()}"})
 
 
 def _honour_if_range(request: web.Request, version: FileVersion) -> web.Request:
@@ -330,7 +331,7 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
     if isinstance(found, bytes):
         return web.Response(body=found, content_type="text/plain")
     with contextlib.suppress(OSError):  # vanished since: FileResponse answers 404
-        _refuse_empty_suffix(request, found.stat().st_size)
+        _refuse_empty_suffix(request, lambda: found.stat().st_size)
     return web.FileResponse(found, headers={"Content-Type": "application/octet-stream"})
 
 

@@ -213,6 +213,9 @@ class RangeLeases:
         self.tables: tuple[tuple[str, LeaseTable], ...] = tuple(
             (network, LeaseTable(first, last, held, **table_args))
             for network, first, last in ranges)
+        self._by_network: dict[str, list[LeaseTable]] = {}
+        for network, table in self.tables:
+            self._by_network.setdefault(network, []).append(table)
 
     def table_for(self, ip: IPv4Address) -> LeaseTable | None:
         return next((t for _, t in self.tables if ip in t), None)
@@ -242,7 +245,7 @@ class RangeLeases:
     def offer(self, mac: str, now: float, requested: IPv4Address | None, network: str,
               ) -> IPv4Address | None:
         """An address from `network`'s ranges, in config order; None when all are full."""
-        tables = [t for name, t in self.tables if name == network]
+        tables = self._by_network.get(network, ())
         for table in tables:  # the client's previous address first, in any of them
             prev = table.lookup(mac)
             if prev is not None and table.is_free_for(prev.ip, mac, now):
