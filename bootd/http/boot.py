@@ -435,11 +435,14 @@ async def node_event(request: web.Request) -> web.Response:
     if not _STAGE.fullmatch(stage):
         raise web.HTTPBadRequest(text=f"bootd: bad stage {stage[:40]!r}\n")
     message = _TOKEN_LIKE.sub("<token>", message)  # a node's own report may echo its token
-    metrics.node_events.labels(stage).inc()
-    log.info(f"node {stage}", **_node_fields(found.node, found.mac), message=message,
-             client=request.remote)
-    _event(request, stage, found.node, found.mac, "error" if stage == events.FAILED else "ok",
-           message=message or None, reported=True)
+    # a closed set: a node inventing stage names grows no metric and no page colour
+    known = stage if stage in events.REPORTED else events.OTHER
+    metrics.node_events.labels(known).inc()
+    log.info(f"node {known}", **_node_fields(found.node, found.mac), message=message,
+             client=request.remote, reported_stage=stage if known != stage else None)
+    _event(request, known, found.node, found.mac, "error" if known == events.FAILED else "ok",
+           message=message or None, reported=True,
+           reported_stage=stage if known != stage else None)
     return web.Response(status=204)
 
 

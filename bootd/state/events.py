@@ -43,11 +43,24 @@ INITRD = "initrd"
 KERNEL_HANDOFF = "kernel-handoff"
 ROOTFS = "rootfs"
 JOIN_SCRIPT = "join-script"
-# Stages nodes report (POST /api/v1/events); any [a-z-] name is accepted.
+# Stages nodes report (POST /api/v1/events): a closed set, so that a node cannot invent
+# metric label values or page colours; any other name is stored as OTHER with the name
+# in the event's detail (`reported_stage`).
+INITRAMFS = "initramfs"
+ROOTFS_MOUNTED = "rootfs-mounted"
+SCRIPTS_DONE = "scripts-done"
+KUBEADM = "kubeadm"
 JOINED = "joined"
 FAILED = "failed"
+OTHER = "other"
+REPORTED = frozenset({INITRAMFS, ROOTFS_MOUNTED, JOIN_SCRIPT, SCRIPTS_DONE, KUBEADM, JOINED,
+                      FAILED, OTHER})
 # Requests bootd refused (unknown MAC, 403, malformed packet): an event, not a stage.
 REFUSED = "refused"
+# Every stage an event can carry, in boot order: the only values of a stage label.
+STAGES = (DHCP_DISCOVER, DHCP_OFFER, DHCP_ACK, DHCP_NAK, TFTP, IPXE_SCRIPT, KERNEL, INITRD,
+          KERNEL_HANDOFF, INITRAMFS, ROOTFS, ROOTFS_MOUNTED, JOIN_SCRIPT, SCRIPTS_DONE,
+          KUBEADM, JOINED, FAILED, OTHER, REFUSED)
 
 FINISHED = frozenset({JOINED, FAILED})
 FIRMWARE = frozenset({"bios", "efi32", "efi64", "arm64"})
@@ -150,6 +163,8 @@ class NodeState:
     attempts: int
     last_error: str | None
     last_boot_time: float | None  # duration of the last attempt that reached `joined`
+    last_boot_started: float | None  # when that attempt began
+    image: str | None  # the image its latest kernel/initrd/rootfs fetch named
     history: tuple[Attempt, ...]
 
     def to_json(self, with_history: int = 0) -> dict[str, Any]:
@@ -158,7 +173,8 @@ class NodeState:
             "stage": self.stage, "stalled": self.stalled, "since": self.since,
             "first_seen": self.first_seen, "last_seen": self.last_seen,
             "attempts": self.attempts, "last_error": self.last_error,
-            "last_boot_time": self.last_boot_time,
+            "last_boot_time": self.last_boot_time, "last_boot_started": self.last_boot_started,
+            "image": self.image,
         }
         if with_history:
             out["history"] = [a.to_json() for a in self.history[-with_history:]]
@@ -195,5 +211,8 @@ def derive(events: Iterable[BootEvent], now: float, stall_after: float,
         first_seen=flat[0].ts, last_seen=last.ts, attempts=history[-1].number,
         last_error=_error_text(errors[-1]) if errors else None,
         last_boot_time=joined[-1].duration if joined else None,
+        last_boot_started=joined[-1].started if joined else None,
+        image=next((str(e.detail["image"]) for e in reversed(flat) if "image" in e.detail),
+                   None),
         history=history,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import generate_latest
 
 from bootd.fleet.config import parse_config
 from bootd.fleet.images import ImageHashes
@@ -54,20 +56,6 @@ def make_config(tmp: Path, token: str = f"{{value: {TOKEN}}}") -> str:
           - name: any
             dynamic: {{range: 127.0.1.0-127.0.1.9}}
         """)
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    img = tmp_path / "img"
-    img.mkdir()
-    (img / "vmlinuz").write_bytes(os.urandom(300_000))
-    (img / "initrd.img").write_bytes(os.urandom(100_000))
-    (img / "rootfs").write_bytes(os.urandom(2_000_000))
-    root = tmp_path / "tftp"
-    root.mkdir()
-    (root / "snponly.efi").write_bytes(b"EFI")
-    (tmp_path / "secret").write_text("SECRET")
-    return tmp_path
 
 
 def context(tmp: Path, config_text: str | None = None) -> Snapshot:
@@ -294,6 +282,31 @@ async def test_node_events(boot: TestClient[web.Request, web.Application]) -> No
                                                    "message": f"join --token {TOKEN}"})
     assert echo.status == 204  # accepted, but the token is scrubbed before logging
     assert (await boot.post("/api/v1/events", data=b"not json")).status in (400, 429)
+
+
+async def test_reported_stages_are_a_closed_set(tree: Path) -> None:
+    """A node inventing stage names grows no metric label: they are stored as `other`
+    with the name in the detail (issue 16, finding 7: 149 names grew /metrics 7x)."""
+    import asyncio
+
+    recorder = Recorder(None, EventPolicy(stall_after=600, keep_attempts=3))
+    metrics = Metrics()
+    client = await client_for(boot_app(View.fixed(context(tree).boot), metrics, recorder))
+    try:
+        for stage in ("kubeadm", "firmware-update", "x1", "joined"):
+            await asyncio.sleep(0.25)  # the per-node rate limit
+            assert (await client.post("/api/v1/events", json={"stage": stage})).status == 204
+        state = recorder.state("me")
+        assert state is not None
+        steps = [(s.stage, s.detail.get("reported_stage")) for s in state.history[-1].steps]
+        assert steps == [("kubeadm", None), ("other", "firmware-update"), ("other", "x1"),
+                         ("joined", None)]
+        exposed = generate_latest(metrics.registry).decode()
+        labels = set(re.findall(r'bootd_node_events_total\{stage="([^"]+)"\}', exposed))
+        assert labels == {"kubeadm", "other", "joined"}
+        assert "firmware-update" not in exposed and "x1" not in exposed
+    finally:
+        await client.close()
 
 
 async def test_node_event_validation(tree: Path) -> None:
