@@ -15,11 +15,13 @@ from pathlib import Path
 
 import structlog
 
+from bootd.cli.explain import ARCH_CODES, explain
 from bootd.dhcp.service import DhcpService
 from bootd.dhcp.transport import open_endpoints
 from bootd.fleet.config import Config, load_config
 from bootd.http.admin import admin_app
 from bootd.http.boot import boot_app
+from bootd.http.page import Explainer
 from bootd.http.serve import serve_http
 from bootd.ops.metrics import Metrics
 from bootd.ops.sdnotify import Notifier
@@ -38,6 +40,16 @@ async def serve(config_path: Path) -> int:
         return await _serve(config, config_path, store)
     finally:
         store.close()
+
+
+def _explain(rt: Runtime, mac: str, arch: str, ipxe: bool) -> str:
+    """`bootd explain` on the running snapshot, for the status page: through the relay
+    and switch port a port-identified node is known by."""
+    snapshot = rt.snapshot
+    node = snapshot.directory.resolve(mac)
+    port = node.port if node is not None else None
+    return explain(snapshot.config, mac, arch, ipxe, port.relay if port else None,
+                   port.circuit_id.decode(errors="replace") if port else None)
 
 
 async def _serve(config: Config, config_path: Path, store: Store) -> int:
@@ -62,7 +74,8 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
             boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder),
             host="0.0.0.0", port=server.http_port, drain=drain))
         await stack.enter_async_context(serve_http(
-            admin_app(live.view(lambda s: s.admin), rt.metrics, rt.recorder, rt.reload),
+            admin_app(live.view(lambda s: s.admin), rt.metrics, rt.recorder, rt.reload,
+                      Explainer(tuple(ARCH_CODES), lambda *a: _explain(rt, *a))),
             api=server.api))
 
         def summary() -> str:

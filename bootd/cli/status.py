@@ -8,23 +8,16 @@ Output `-o json` is a stable schema: {"now": <unix time>, "nodes": [{"node", "ma
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
 from bootd.fleet.config import Config
 from bootd.fleet.inventory import Inventory
+from bootd.ops.text import ago, duration, printable
 from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 
 RESET, RED, GREEN, YELLOW, DIM = "\033[0m", "\033[31m", "\033[32m", "\033[33m", "\033[2m"
-# C0 and C1 controls and DEL: a node's message must not drive the operator's terminal
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(value: object) -> str:
-    """Text from a node or the network, safe to print: controls shown as \\xNN."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
 
 
 def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
@@ -40,26 +33,6 @@ def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
         store.close()
     inventory = Inventory(config)
     return recorder.status_document(inventory.nodes, inventory.network_name), recorder
-
-
-def ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "-"
-    return duration(max(0.0, now - ts)) + " ago"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    return f"{hours // 24}d{hours % 24:02d}h"
 
 
 def _colour(row: dict[str, Any]) -> str:

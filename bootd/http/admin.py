@@ -6,6 +6,7 @@ network: nothing here is for a booting node, and reload is not for anyone on the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.inventory import NodeProfile
 from bootd.fleet.mac import normalize_mac
 from bootd.fleet.tokens import TokenProvider
+from bootd.http.page import Explainer, PageSources, add_page
 from bootd.live import View
 from bootd.ops.metrics import Metrics
 from bootd.state.recorder import Recorder
@@ -127,8 +129,10 @@ async def tokens_status(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Every node seen or configured: where it is in its boot (see `bootd status`)."""
     directory = request.app[SETTINGS].get().directory
-    return web.json_response(_recorder(request).status_document(
+    response = web.json_response(_recorder(request).status_document(
         directory.nodes, directory.inventory.network_name))
+    response.enable_compression()  # 5,000 nodes: 1.7 MB, ~0.2 MB gzipped (`ssh -L`)
+    return response
 
 
 @routes.get("/api/v1/status/{node}")
@@ -162,11 +166,14 @@ async def reload_config(request: web.Request) -> web.Response:
 
 def admin_app(settings: View[AdminSettings], metrics: Metrics,
               recorder: Recorder | None = None, reload: Reload | None = None,
-              ) -> web.Application:
+              explainer: Explainer | None = None) -> web.Application:
+    """The admin API, and the status page (bootd.http.page) that draws its answers."""
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[RECORDER] = recorder
     app[RELOAD] = reload
     app.add_routes(routes)
+    add_page(app, PageSources(lambda: settings.get().directory, recorder, explainer,
+                              asyncio.Event()))
     return app

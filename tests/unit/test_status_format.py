@@ -67,7 +67,7 @@ def test_timeline() -> None:
 
 def test_node_supplied_text_cannot_drive_the_terminal() -> None:
     """An event message with a clear-screen, colours and an OSC title is shown escaped."""
-    from bootd.cli.status import printable
+    from bootd.ops.text import printable
 
     evil = "boom\x1b[2J\x1b[31mred\x1b]0;owned\x07\x9b"
     row = {"node": "n\x1b[2J", "mac": "m", "ip": "1.2.3.4", "pool": "p", "stage": "failed",
