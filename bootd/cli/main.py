@@ -188,9 +188,62 @@ def _status_answer(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int
     return answer, 0
 
 
+def _laptop_hint(api: str, port: int) -> str:
+    """How to open the page from another machine: a tunnel to this host's loopback or
+    unix socket (the admin API is never on the boot network)."""
+    import socket
+
+    tunnel = (f"from a laptop: ssh -L {port}:{api} root@{socket.gethostname()}, then open "
+              f"http://localhost:{port}/")
+    if api.startswith("/"):
+        return tunnel + " (OpenSSH forwards to a unix socket)"
+    return (tunnel + f"\nin Kubernetes (a hostNetwork pod): kubectl -n bootd port-forward "
+            f"pod/<bootd pod> {port}:{api.rpartition(':')[2]}")
+
+
+def cmd_status_web(args: argparse.Namespace) -> int:
+    """Where the status page is; for a unix-socket API, serve it on loopback until
+    Ctrl-C (a browser cannot open a unix socket)."""
+    from bootd.http.forward import start_forwarder
+
+    api = _api_path(args)
+    if not api.startswith("/"):
+        print(f"bootd status page: http://{api}/")
+        print(_laptop_hint(api, int(api.rpartition(":")[2])))
+        return 0
+    try:
+        code, _ = asyncio.run(_admin_request(api, "GET", "/healthz"))
+    except OSError as exc:
+        print(f"bootd status --web: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
+        return 1
+    if code != 200:
+        print(f"bootd status --web: the daemon at {api} answered {code}", file=sys.stderr)
+        return 1
+    host, _, port_text = args.listen.rpartition(":")
+
+    async def serve() -> None:
+        try:
+            server = await start_forwarder(api, host or "127.0.0.1", int(port_text))
+        except OSError as exc:  # 8080 taken: any free port will do
+            server = await start_forwarder(api, host or "127.0.0.1", 0)
+            print(f"({args.listen}: {exc.strerror}; using a free port)", flush=True)
+        bound = server.sockets[0].getsockname()
+        print(f"bootd status page: http://{bound[0]}:{bound[1]}/  (forwarding to {api}; "
+              "Ctrl-C to stop)", flush=True)
+        print(_laptop_hint(api, int(bound[1])), flush=True)
+        async with server:
+            await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from bootd.cli import status
 
+    if args.web:
+        return cmd_status_web(args)
     while True:
         answer, rc = _status_answer(args)
         if answer is None:
@@ -337,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attempts", type=int, default=1, help="attempts to show for NODE")
     p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument("--web", action="store_true",
+                   help="the status page: print its URL and how to reach it from a laptop "
+                        "(a unix-socket API is served on --listen until Ctrl-C)")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="with --web and a unix-socket API: where to serve the page")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("explain", help="dry run: what would this MAC get? (config only)")

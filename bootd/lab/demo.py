@@ -11,17 +11,20 @@ afterwards, also on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from bootd.http.forward import forwarding
 from bootd.lab.netlab import LabError, NetLab, netns_available
 from bootd.lab.racks import SERVER_IP as RACKS_SERVER_IP
 from bootd.lab.racks import Racks, missing_for_racks
@@ -153,7 +156,8 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
         say(f"lab: booting the image in {image} ({cmdline}); the lab has no Kubernetes "
             "control plane, so a real kubeadm gets as far as its join attempt")
     tty = hasattr(out, "isatty") and out.isatty()
-    with tempfile.TemporaryDirectory(prefix="bootd-lab-") as d, NetLab("bootdlab") as lab:
+    with (tempfile.TemporaryDirectory(prefix="bootd-lab-") as d, NetLab("bootdlab") as lab,
+          contextlib.ExitStack() as stack):
         tmp = Path(d)
         rack_lab = Racks(lab, tmp, racks) if racks else None
         vmlab = VmLab(lab, tmp, vm_config(tmp, image, cmdline, rack_lab), f"{SERVER_IP}/24",
@@ -163,6 +167,7 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
         else:
             say(f"lab: bootd on {RACKS_SERVER_IP} in namespace {vmlab.ns}, one router hop "
                 f"from {racks} rack(s) (10.61.N.0/24) whose DHCP dhcrelay forwards to it")
+        page = stack.enter_context(status_page(tmp / "state" / "api.sock", say))
         macs = [f"52:54:00:b0:07:{i + 1:02x}" for i in range(vms)]
         started = time.monotonic()
         for i, mac in enumerate(macs):
@@ -192,8 +197,31 @@ def run_vm_lab(vms: int = 2, uefi: bool = False, out: object = sys.stdout,
         for mac, result in results.items():
             why = f" ({errors[mac]})" if result == "failed" and errors.get(mac) else ""
             say(f"  VM {mac}: {result}{why}")
-        say(f"lab: done in {time.monotonic() - started:.0f}s; removing namespaces and VMs")
+        say(f"lab: done in {time.monotonic() - started:.0f}s")
+        if tty and page is not None and sys.stdin.isatty():
+            with contextlib.suppress(EOFError, KeyboardInterrupt):
+                input(f"lab: the status page stays up at {page}; press Enter to end the lab ")
+        say("lab: removing namespaces and VMs")
     return 0 if all(r == "joined" for r in results.values()) else 1
+
+
+@contextlib.contextmanager
+def status_page(api: Path, say: Callable[[str], None]) -> Iterator[str | None]:
+    """The lab's status page on this machine's loopback (port 8080, else a free one),
+    forwarded to the lab bootd's unix-socket API."""
+    with contextlib.ExitStack() as stack:
+        url = None
+        for port in (8080, 0):
+            with contextlib.suppress(OSError):
+                url = stack.enter_context(forwarding(str(api), "127.0.0.1", port))
+                break
+        if url is None:
+            say("lab: no loopback port for the status page; `bootd status` shows the same")
+        else:
+            port_text = url.rstrip("/").rsplit(":", 1)[1]
+            say(f"lab: status page {url} (from a laptop: ssh -L 8080:127.0.0.1:{port_text} "
+                "root@this-host, then open http://localhost:8080/)")
+        yield url
 
 
 def run_lab(out: object = sys.stdout) -> int:

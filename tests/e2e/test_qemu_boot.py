@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from bootd.http.forward import forwarding
 from bootd.lab.netlab import NetLab
 from bootd.lab.vms import OVMF_CODE, VmLab, build_test_image, missing_for_vms
+from tests.browser import Browser, available, not_blank, save_artifact
 from tests.e2e.vms import last_attempt_steps, wait_joined
 
 pytestmark = pytest.mark.netns
@@ -147,6 +149,35 @@ def test_two_vms_boot_at_once(vmlab: VmLab) -> None:
     assert isinstance(nodes, list)
     stages = {n["node"]: n["stage"] for n in nodes}
     assert stages["vm1"] == "joined" and stages["vm2"] == "joined"
+    see_the_boots_in_the_status_page(vmlab)
+
+
+def see_the_boots_in_the_status_page(vmlab: VmLab) -> None:
+    """The status page of that lab in a real browser: both VMs joined, vm1's timeline with
+    every phase of a real boot. Its screenshots are the README's (BOOTD_ARTIFACTS=docs)."""
+    if available() is not None:
+        return  # the browser tests skip with the reason; the boot itself passed
+    with (forwarding(str(vmlab.tmp / "state" / "api.sock")) as url,
+          Browser(vmlab.tmp / "chromium", size=(1280, 860)) as b):
+        b.goto(url)
+        b.wait_for("document.body.dataset.version !== undefined")
+        for vm in ("vm1", "vm2"):
+            assert b.eval(f"document.querySelector('#grid a[data-k={vm}]').className") == (
+                "c s-joined")
+        b.wait_for("document.querySelector('#boot-times figure.hist')")
+        shot = b.screenshot(vmlab.tmp / "status-overview.png")
+        assert not_blank(shot)
+        save_artifact(shot)
+        b.eval("document.querySelector('#grid a[data-k=vm1]').click()")
+        b.wait_for("document.querySelector('#panel svg.gantt')")
+        phases = b.eval("[...document.querySelectorAll('#panel section.attempt')[0]"
+                        ".querySelectorAll('rect.bar')].map(r => r.dataset.phase)")
+        for phase in ("DHCP", "iPXE script", "kernel", "initrd", "rootfs", "join", "joined"):
+            assert phase in phases, phases
+        assert phases[-1] == "joined"
+        shot = b.screenshot(vmlab.tmp / "status-node-timeline.png")
+        assert not_blank(shot)
+        save_artifact(shot)
 
 
 def test_bootd_lab_boots_vms_to_joined(image: Path) -> None:
@@ -157,5 +188,6 @@ def test_bootd_lab_boots_vms_to_joined(image: Path) -> None:
     assert "VM 52:54:00:b0:07:01: joined" in proc.stdout
     assert "VM 52:54:00:b0:07:02: joined" in proc.stdout
     assert "worker-1" in proc.stdout and "node-52-54-00-b0-07-02" in proc.stdout
+    assert "lab: status page http://127.0.0.1:" in proc.stdout  # a newcomer sees it
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     assert "bootdlab-" not in leftovers.stdout

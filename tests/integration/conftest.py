@@ -73,14 +73,15 @@ class DhcpLab:
     tmp: Path
     daemons: list[Bootd] = field(default_factory=list)
 
-    def bootd(self, config_body: str, drain: str = "3s") -> Bootd:
+    def bootd(self, config_body: str, drain: str = "3s", api: str | None = None) -> Bootd:
         """Start bootd; a short drain by default, since protocol tests leave transfers
-        abandoned on purpose and teardown expects a prompt exit."""
+        abandoned on purpose and teardown expects a prompt exit. `api`: the admin
+        listener (default a unix socket in the state directory)."""
         state = self.tmp / "state"
         config = self.tmp / "bootd.yaml"
         config.write_text(textwrap.dedent(f"""\
             server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {state},
-                     api: {state}/api.sock, drain_timeout: {drain}}}
+                     api: {api or f"{state}/api.sock"}, drain_timeout: {drain}}}
             network: {{subnet: {SUBNET}, gateway: {SERVER_IP}, dns: [{SERVER_IP}],
                        domain: lab.example, lease_time: 1h}}
             """) + textwrap.dedent(config_body))
