@@ -47,6 +47,21 @@ def test_installed_package_is_not_the_source_tree(installed: Path) -> None:
     assert Path(where[1]).is_file() and not Path(where[1]).is_relative_to(ROOT)
 
 
+def test_installed_package_carries_the_status_page(installed: Path) -> None:
+    """The page's templates, script and style are package data: the page renders from the
+    wheel alone (a missing file would be a 500 in production, not in the tests)."""
+    code = ("import asyncio, bootd.http.page as p\n"
+            "from importlib import resources\n"
+            "print(all((resources.files('bootd.http') / 'static' / n).is_file()"
+            " for n in p._STATIC))\n"
+            "html = p._env.get_template('boot_times.html.j2').render(storm=None)\n"
+            "print('No node has joined yet' in html)\n"
+            "print(p.__file__)\n")
+    out = subprocess.run([str(installed / "python"), "-c", code], capture_output=True,
+                         text=True, check=True, cwd=installed.parent).stdout.split()
+    assert out[:2] == ["True", "True"] and not Path(out[2]).is_relative_to(ROOT)
+
+
 def test_probe_help_from_an_installed_wheel(installed: Path) -> None:
     proc = run(installed, "probe", "--help")
     assert proc.returncode == 0, proc.stderr
