@@ -81,7 +81,7 @@ def tftp_limits(config: Config) -> Limits:
         max_blksize = max(512, min(mtus, default=1500) - 32)  # IP 20 + UDP 8 + TFTP 4
     return Limits(max_blksize=max_blksize, max_windowsize=t.max_windowsize,
                   initial_timeout=t.timeout, max_timeout=max(8.0, t.timeout),
-                  max_retries=t.retries)
+                  max_retries=t.retries, unconfirmed_retries=t.unconfirmed_retries)
 
 
 def interface_address(name: str) -> IPv4Address | None:
@@ -121,7 +121,8 @@ def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
         config=config,
         directory=directory,
         dhcp=DhcpContext(directory, DhcpSettings.from_config(config, addresses)),
-        tftp=TftpSettings(files, tftp_limits(config), config.tftp.max_transfers, directory),
+        tftp=TftpSettings(files, tftp_limits(config), config.tftp.max_transfers,
+                          config.tftp.max_transfers_per_client, directory),
         boot=BootSettings(
             directory=directory, http_port=server.http_port, images=config.images,
             clusters=config.clusters, tokens=tokens, hashes=hashes, files=files, grub=grub,

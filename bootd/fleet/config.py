@@ -438,7 +438,11 @@ class TftpConfig(_Model):
     max_windowsize: int = Field(default=64, ge=1, le=65535)
     timeout: Duration = 1.0  # first retransmission; doubles up to 8s
     retries: int = Field(default=6, ge=1, le=50)
+    # before the client's first ACK: an RRQ from a forged address is cheap to send
+    unconfirmed_retries: int = Field(default=2, ge=0, le=50)
     max_transfers: int = Field(default=1000, ge=1, le=100000)
+    # one address cannot hold every slot (a PXE client needs one or two at a time)
+    max_transfers_per_client: int = Field(default=4, ge=1, le=100000)
 
 
 class IpxeConfig(_Model):

@@ -138,6 +138,11 @@ class Limits:
     initial_timeout: float = 1.0
     max_timeout: float = 8.0
     max_retries: int = 6
+    # Until the client's first ACK proves it asked (its address could be forged), the
+    # first packet goes out at most 1 + this many times: a 44-byte RRQ no longer buys
+    # seven 516-byte blocks (issue 16, finding 4). A real client that lost it resends
+    # its RRQ anyway.
+    unconfirmed_retries: int = 2
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,7 @@ class ReadTransfer:
         self._sent_high = 0  # highest block sent in the current window
         self._deadline: float | None = None
         self._retries = 0
+        self._confirmed = False  # the client has ACKed something
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
         self.closed = False
@@ -277,9 +283,13 @@ class ReadTransfer:
         if self.closed or self._deadline is None or now < self._deadline:
             return
         self._retries += 1
-        if self._retries > self.limits.max_retries:
+        limit = (self.limits.max_retries if self._confirmed
+                 else min(self.limits.unconfirmed_retries, self.limits.max_retries))
+        if self._retries > limit:
+            reason = (f"no ACK after {limit} retries" if self._confirmed else
+                      f"the client never answered ({limit} retries)")
             self._close(TransferFailed(
-                f"no ACK after {self.limits.max_retries} retries", self.bytes_sent,
+                reason, self.bytes_sent,
                 self.retransmits, final_ack_missing=(
                     not self._awaiting_oack_ack and self._acked == self.total_blocks - 1
                     and self._sent_high == self.total_blocks)))
@@ -299,6 +309,7 @@ class ReadTransfer:
             if number != 0:
                 return
             self._awaiting_oack_ack = False
+            self._confirmed = True
             self._retries = 0
             self._send_window()
             self._arm(now)
@@ -308,6 +319,7 @@ class ReadTransfer:
         if block <= self._acked:
             return  # duplicate or stale ACK: ignoring it avoids the sorcerer's apprentice
         self._acked = block
+        self._confirmed = True
         self._retries = 0
         if self._acked >= self.total_blocks:
             self._close(TransferDone(self.bytes_sent, self.total_blocks, self.retransmits))

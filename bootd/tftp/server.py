@@ -52,6 +52,7 @@ class TftpSettings:
     files: FileTree
     limits: Limits
     max_transfers: int
+    max_per_client: int  # transfers one client address may have open at once
     directory: NodeDirectory  # names the node behind a client address in reports
 
 
@@ -176,6 +177,7 @@ class TftpServer(asyncio.DatagramProtocol):
         self.on_record = on_record
         self.transport: asyncio.DatagramTransport | None = None
         self.active: dict[Addr, _Active] = {}
+        self.opening: dict[Addr, None] = {}  # RRQs accepted, their socket not yet open
         self.accepting = True
         self.loop = asyncio.get_running_loop()
 
@@ -212,8 +214,16 @@ class TftpServer(asyncio.DatagramProtocol):
             request = parse_request(data)
             if request.opcode == Opcode.WRQ:
                 raise TftpError(ErrorCode.ACCESS_VIOLATION, "bootd serves files read-only")
-            if len(self.active) >= settings.max_transfers:
+            # transfers whose socket is still being opened count too: RRQs arriving
+            # together must not all pass these checks before any is registered
+            held = [*self.active, *self.opening]
+            if len(held) >= settings.max_transfers:
                 raise TftpError(ErrorCode.NOT_DEFINED, "server busy, try again")
+            # (a new RRQ from the same address and port replaces that transfer)
+            if sum(1 for peer in held if peer[0] == addr[0] and peer != addr
+                   ) >= settings.max_per_client:
+                raise TftpError(ErrorCode.NOT_DEFINED,
+                                "too many transfers from this address, try again")
             source = _open(settings.files, request.filename, client, request.mode)
         except TftpError as exc:
             self.transport.sendto(exc.packet(), addr)
@@ -230,6 +240,7 @@ class TftpServer(asyncio.DatagramProtocol):
             transport, own = self.transport, False
             sock_proto: _TransferSocket | None = None
         else:
+            self.opening[addr] = None
             try:
                 t, sock_proto = await self.loop.create_datagram_endpoint(
                     _TransferSocket, local_addr=("0.0.0.0", 0), family=socket.AF_INET)
@@ -238,6 +249,8 @@ class TftpServer(asyncio.DatagramProtocol):
                 self.transport.sendto(encode_error(ErrorCode.NOT_DEFINED, "no socket"), addr)
                 log.warning("tftp cannot open transfer socket", error=str(exc))
                 return
+            finally:
+                self.opening.pop(addr, None)
             transport, own = t, True
         active = _Active(self, transfer, addr, request.filename, settings, transport, own)
         if sock_proto is not None:

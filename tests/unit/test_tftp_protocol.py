@@ -31,7 +31,7 @@ from bootd.tftp.protocol import (
 )
 
 LIMITS = Limits(max_blksize=1468, max_windowsize=16, initial_timeout=1.0, max_timeout=8.0,
-                max_retries=3)
+                max_retries=3, unconfirmed_retries=2)
 
 
 def data_blocks(datagrams: list[bytes]) -> list[int]:
@@ -242,13 +242,15 @@ def test_duplicate_ack_does_not_resend() -> None:
 def test_timeout_retransmits_with_backoff_then_gives_up() -> None:
     t = transfer(b"a" * 2000)
     assert data_blocks(t.datagrams_to_send()) == [1]
+    t.receive_datagram(encode_ack(1), 0.0)  # the client is there
+    assert data_blocks(t.datagrams_to_send()) == [2]
     deadlines = []
     for _ in range(3):
         deadline = t.get_timer()
         assert deadline is not None
         deadlines.append(deadline)
         t.handle_timer(deadline)
-        assert data_blocks(t.datagrams_to_send()) == [1]
+        assert data_blocks(t.datagrams_to_send()) == [2]
     assert deadlines == [1.0, 3.0, 7.0]  # 1s, then 2s, then 4s
     last = t.get_timer()
     assert last == 15.0
@@ -257,6 +259,26 @@ def test_timeout_retransmits_with_backoff_then_gives_up() -> None:
     assert isinstance(event, TransferFailed) and "3 retries" in event.reason
     assert not event.final_ack_missing
     assert t.closed and t.retransmits == 3
+
+
+@pytest.mark.parametrize("oack", [{}, {"blksize": "1468"}])
+def test_an_unconfirmed_client_gets_its_first_packet_three_times_at_most(
+        oack: dict[str, str]) -> None:
+    """A forged RRQ that is never ACKed: the first packet (DATA 1, or the OACK) goes out
+    1 + unconfirmed_retries times, not 1 + max_retries (issue 16, finding 4)."""
+    neg = {"blksize": 1468, "oack": oack} if oack else {}
+    t = transfer(b"a" * 100_000, **neg)
+    sent = list(t.datagrams_to_send())
+    while not t.closed:
+        deadline = t.get_timer()
+        assert deadline is not None
+        t.handle_timer(deadline)
+        sent += t.datagrams_to_send()
+    assert len(sent) == 1 + Limits().unconfirmed_retries == 3
+    assert len(set(sent)) == 1  # the same packet each time
+    event = t.next_event()
+    assert isinstance(event, TransferFailed) and "never answered" in event.reason
+    assert t.get_timer() is None and t.closed
 
 
 def test_lost_final_ack_is_reported_as_such() -> None:
@@ -284,7 +306,9 @@ def test_ack_resets_backoff() -> None:
 
 
 def test_client_timeout_option_caps_backoff() -> None:
-    t = transfer(b"a" * 2000, timeout=3.0, oack={"timeout": "3"})
+    limits = Limits(max_retries=3, unconfirmed_retries=3)
+    t = ReadTransfer(BytesSource(b"a" * 2000), Negotiated(timeout=3.0, oack={"timeout": "3"}),
+                     limits, 0.0)
     t.datagrams_to_send()
     t.handle_timer(1.0)  # we still start at 1s
     assert t.get_timer() == 3.0
@@ -360,7 +384,10 @@ def test_lossy_client_always_gets_the_file(size: int, blksize: int, window: int,
                                            drops: list[bool]) -> None:
     """A client that loses arbitrary DATA packets still ends with the exact file."""
     data = bytes(i % 251 for i in range(size))
-    patient = Limits(max_blksize=1468, max_windowsize=16, max_retries=250)  # > len(drops)
+    # > len(drops); this client never resends its RRQ, so it is patient before its first
+    # ACK too
+    patient = Limits(max_blksize=1468, max_windowsize=16, max_retries=250,
+                     unconfirmed_retries=250)
     t = ReadTransfer(BytesSource(data), Negotiated(
         blksize=blksize, windowsize=window,
         oack={"windowsize": str(window)} if window > 1 else {}), patient, 0.0)
