@@ -146,7 +146,8 @@ class Runtime:
         self.live = Live(build_snapshot(config, store, hashes=self.hashes))
         self._count_leases(self.live.current)
         self.recorder = Recorder(store, lambda: self.live.current.events, metrics=metrics)
-        log.info("boot events restored", count=self.recorder.load())
+        log.info("boot events restored", count=self.recorder.load(
+            node.name for node in self.snapshot.directory.nodes))
 
     @property
     def snapshot(self) -> Snapshot:

@@ -24,14 +24,14 @@ def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
     """The same answer as GET /api/v1/status, read-only from the state database, and the
     recorder holding the histories (for one node's timeline)."""
     path = config.server.state_dir / "bootd.sqlite3"
+    inventory = Inventory(config)
     store = Store(path, read_only=True)
     try:
         recorder = Recorder(store, EventPolicy(config.events.stall_after,
                                                config.events.keep_attempts))
-        recorder.load()
+        recorder.load(node.name for node in inventory.nodes)
     finally:
         store.close()
-    inventory = Inventory(config)
     return recorder.status_document(inventory.nodes, inventory.network_name), recorder
 
 

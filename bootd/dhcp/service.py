@@ -207,10 +207,12 @@ class DhcpService:
 
         def event(stage: str, node: NodeProfile | None, ip: IPv4Address | None,
                   result: str = "ok", **detail: object) -> None:
+            # an unknown or catch-all machine is transient until it has an address
+            transient = (node is None or node.dynamic) and stage != events.DHCP_ACK
             recorder.record(BootEvent(now, stage, node.name if node else None, mac,
                                       str(ip) if ip is not None else None,
                                       node.pool if node else None, result,
-                                      MappingProxyType(detail)))
+                                      MappingProxyType(detail)), transient)
 
         def firmware(boot: BootAnswer | None) -> str:
             if boot is not None:

@@ -50,6 +50,12 @@ class Metrics:
         self.nodes_by_stage = Gauge(
             "bootd_nodes", "Nodes by current stage (stalled ones under `stalled`)", ["stage"],
             registry=self.registry)
+        self.nodes_forgotten = Counter(
+            "bootd_nodes_forgotten", "Unknown machines without an address forgotten to keep "
+            "the event history bounded (a DISCOVER flood)", registry=self.registry)
+        self.event_store_failures = Counter(
+            "bootd_event_store_failures", "Event flushes the store refused (kept in memory "
+            "and retried)", registry=self.registry)
         self.dhcp_leases = Gauge(
             "bootd_dhcp_dynamic_leases", "Addresses of the dynamic range with a lease record",
             registry=self.registry)

@@ -2,6 +2,13 @@
 
 A boot storm of a thousand nodes produces thousands of events a second; recording one is
 a list append, and the store sees one transaction per flush interval.
+
+Machines bootd does not know that never got an address (a DISCOVER flood from random
+MACs, a catch-all range that is full) are transient: at most MAX_TRANSIENT of them are
+remembered, the least recently seen forgotten first, in memory and in the store, and
+counted in bootd_nodes_forgotten_total. Any other event (an ACK, a download, a report)
+makes a node permanent. A flood thus costs bounded memory and rows (issue 16, finding
+1: 123,216 node keys and 324 MB before).
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,6 +26,9 @@ import structlog
 from bootd.fleet.inventory import NodeProfile
 from bootd.ops.metrics import Metrics
 from bootd.state.events import (
+    DHCP_DISCOVER,
+    DHCP_NAK,
+    DHCP_OFFER,
     FINISHED,
     JOINED,
     REFUSED,
@@ -34,6 +44,9 @@ log = structlog.get_logger("bootd.events")
 MAX_EVENTS_PER_ATTEMPT = 2000  # a node in a retry loop cannot grow memory without bound
 FLUSH_INTERVAL = 0.25
 MAX_PENDING = 200_000  # events held while the store cannot be written
+MAX_TRANSIENT = 1000  # unknown machines without an address, remembered at once
+STORE_LOG_INTERVAL = 60.0  # a failing store is logged once a minute, not per flush
+UNPROVEN = frozenset({DHCP_DISCOVER, DHCP_OFFER, DHCP_NAK, REFUSED})
 
 
 @dataclass(frozen=True)
@@ -64,15 +77,21 @@ class Recorder:
         self.policy = policy if callable(policy) else (lambda: policy)
         self.clock = clock
         self._nodes: dict[str, _History] = {}
-        self._pending: list[tuple[BootEvent, int]] = []
+        # (event, attempt, version): the version tells events of a forgotten node from
+        # those of its next visit
+        self._pending: list[tuple[BootEvent, int, int]] = []
+        self._transient: OrderedDict[str, None] = OrderedDict()  # least recent first
+        self._forgotten: dict[str, int] = {}  # key -> version when forgotten, until flushed
+        self._store_logged = -STORE_LOG_INTERVAL
         # A counter bumped per event, and the value it had at each node's latest event:
         # a live page asks for what changed since the version it has.
         self.version = 0
         self._changed: dict[str, int] = {}
         self._derived: dict[str, tuple[tuple[int, float], NodeState]] = {}
 
-    def load(self) -> int:
-        """Rebuild histories from the store (after a restart); returns events loaded."""
+    def load(self, known: Iterable[str] = ()) -> int:
+        """Rebuild histories from the store (after a restart); returns events loaded.
+        `known`: the configured nodes' names, never transient."""
         if self.store is None:
             return 0
         rows = self.store.load_events()
@@ -86,10 +105,28 @@ class Recorder:
                 h.attempts.popleft()
                 h.first_attempt += 1
         self._derived.clear()
+        configured = set(known)
+        unproven = [(h.attempts[-1][-1].ts if h.attempts and h.attempts[-1] else 0.0, key)
+                    for key, h in self._nodes.items() if key not in configured
+                    and all(e.stage in UNPROVEN for attempt in h.attempts for e in attempt)]
+        for _, key in sorted(unproven):  # never got an address: transient again, by recency
+            self._transient[key] = None
+        while len(self._transient) > MAX_TRANSIENT:
+            self._forget(next(iter(self._transient)))
         return len(rows)
 
-    def record(self, event: BootEvent) -> None:
-        h = self._nodes.setdefault(event.key, _History())
+    def record(self, event: BootEvent, transient: bool = False) -> None:
+        """`transient`: about a machine bootd does not know that has no address (yet);
+        see the module's docstring."""
+        key = event.key
+        if not transient:
+            self._transient.pop(key, None)
+        elif key in self._transient or key not in self._nodes:
+            self._transient[key] = None
+            self._transient.move_to_end(key)
+            if len(self._transient) > MAX_TRANSIENT:
+                self._forget(next(iter(self._transient)))
+        h = self._nodes.setdefault(key, _History())
         policy = self.policy()
         if not h.attempts or starts_attempt(h.attempts[-1], event, policy.stall_after):
             h.attempts.append([])
@@ -102,9 +139,18 @@ class Recorder:
         if len(current) >= MAX_EVENTS_PER_ATTEMPT:
             del current[1]  # keep how it started, drop the oldest repetition
         current.append(event)
-        self._pending.append((event, h.number))
         self.version += 1
-        self._changed[event.key] = self.version
+        self._pending.append((event, h.number, self.version))
+        self._changed[key] = self.version
+
+    def _forget(self, key: str) -> None:
+        del self._transient[key]
+        self._nodes.pop(key, None)
+        self._changed.pop(key, None)
+        self._derived.pop(key, None)
+        self._forgotten[key] = self.version
+        if self.metrics is not None:
+            self.metrics.nodes_forgotten.inc()
 
     @staticmethod
     def _observe(metrics: Metrics, current: list[BootEvent], event: BootEvent) -> None:
@@ -128,13 +174,18 @@ class Recorder:
             self.metrics.nodes_by_stage.labels(stage).set(count)
 
     def flush(self) -> int:
-        batch, self._pending = self._pending, []
-        if batch and self.store is not None:
+        pending, self._pending = self._pending, []
+        forgotten, self._forgotten = self._forgotten, {}
+        batch = [(e, attempt) for e, attempt, version in pending
+                 if version > forgotten.get(e.key, -1)]
+        if (batch or forgotten) and self.store is not None:
             try:
-                self.store.append_events(batch, self.policy().keep_attempts)
+                self.store.append_events(batch, self.policy().keep_attempts,
+                                         forget=list(forgotten))
             except Exception:
                 # keep them for the next flush (bounded: the newest win)
-                self._pending = (batch + self._pending)[-MAX_PENDING:]
+                self._pending = (pending + self._pending)[-MAX_PENDING:]
+                self._forgotten = {**forgotten, **self._forgotten}
                 raise
         return len(batch)
 
@@ -145,8 +196,14 @@ class Recorder:
                 try:
                     self.flush()
                 except Exception as exc:  # a full disk must not stop nodes booting
-                    log.error("event store write failed; will retry", error=str(exc),
-                              pending=len(self._pending))
+                    if self.metrics is not None:
+                        self.metrics.event_store_failures.inc()
+                    now = time.monotonic()
+                    if now - self._store_logged >= STORE_LOG_INTERVAL:
+                        self._store_logged = now
+                        log.error("event store write failed; events kept in memory and "
+                                  "retried (logged once a minute)", error=str(exc),
+                                  pending=len(self._pending))
         finally:
             with contextlib.suppress(Exception):
                 self.flush()

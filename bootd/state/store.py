@@ -135,10 +135,13 @@ class Store:
             cur.executemany("INSERT OR REPLACE INTO learned_macs (node, mac) VALUES (?, ?)",
                             list(rows))
 
-    def append_events(self, batch: list[tuple[BootEvent, int]], keep_attempts: int) -> None:
-        """One transaction: the batch, then each touched node's attempts beyond the last
-        `keep_attempts` are deleted."""
+    def append_events(self, batch: list[tuple[BootEvent, int]], keep_attempts: int,
+                      forget: Iterable[str] = ()) -> None:
+        """One transaction: the events of the nodes to `forget` are deleted, the batch is
+        written, then each touched node's attempts beyond the last `keep_attempts` are
+        deleted."""
         with self._transaction() as cur:
+            cur.executemany("DELETE FROM events WHERE key = ?", [(k,) for k in forget])
             cur.executemany(
                 "INSERT INTO events (ts, key, attempt, stage, node, mac, ip, pool, outcome,"
                 " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -3,9 +3,12 @@ what a live page is told changed."""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from prometheus_client import generate_latest
 
 from bootd.state import events as ev
 from bootd.state.events import BootEvent, derive
@@ -191,3 +194,77 @@ def test_changed_since_names_new_events_and_new_stalls() -> None:
     document = recorder.status_document([], only=["a"])
     assert [n["node"] for n in document["nodes"]] == ["a"]
     assert document["version"] == recorder.version
+
+
+def test_unknown_machines_without_an_address_are_remembered_boundedly(
+        tmp_path: Path) -> None:
+    """Issue 16, finding 1: a DISCOVER flood from random MACs wrote a node per MAC to
+    memory and to the store. Transient keys are capped, least recent forgotten first."""
+    from bootd.ops.metrics import Metrics
+    from bootd.state import recorder as rec_module
+    from bootd.state.store import Store
+
+    store = Store(tmp_path / "s.sqlite3")
+    metrics = Metrics()
+    recorder = Recorder(store, EventPolicy(stall_after=600, keep_attempts=3), metrics=metrics)
+    cap = rec_module.MAX_TRANSIENT
+    recorder.record(event(0.0, ev.DHCP_DISCOVER, "reserved"))  # a known node: permanent
+    # a catch-all node that got its address early in the flood stays too
+    recorder.record(BootEvent(0.5, ev.DHCP_DISCOVER, "node-a", "52:54:00:00:00:0a", None,
+                              "any"), transient=True)
+    recorder.record(BootEvent(0.6, ev.DHCP_ACK, "node-a", "52:54:00:00:00:0a", "10.0.0.100",
+                              "any"))
+    for i in range(cap * 3):
+        mac = f"02:ff:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}:01"
+        recorder.record(BootEvent(1.0 + i * 1e-4, ev.REFUSED, None, mac, None, None,
+                                  "refused"), transient=True)
+        if i % 500 == 0:
+            recorder.flush()
+    recorder.flush()
+    keys = {s.key for s in recorder.states()}
+    assert "reserved" in keys and "node-a" in keys
+    assert len(keys) == cap + 2
+    assert "02:ff:00:00:00:01" not in keys  # the oldest went first
+    assert f"02:ff:00:{(cap * 3 - 1) >> 8 & 255:02x}:{(cap * 3 - 1) & 255:02x}:01" in keys
+    exposed = generate_latest(metrics.registry).decode()
+    assert f"bootd_nodes_forgotten_total {float(cap * 2)}" in exposed
+    # the store holds what memory holds, and a restart brings back no more
+    store.close()
+    again = Recorder(Store(tmp_path / "s.sqlite3"), EventPolicy(600, 3))
+    again.load(known=["reserved"])
+    assert {s.key for s in again.states()} == keys
+    # a forgotten machine that comes back is simply new
+    recorder.record(BootEvent(9.0, ev.REFUSED, None, "02:ff:00:00:00:01", None, None,
+                              "refused"), transient=True)
+    assert recorder.state("02:ff:00:00:00:01") is not None
+
+
+def test_a_failing_event_store_is_logged_once_a_minute_and_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from bootd.ops.metrics import Metrics
+    from bootd.state import recorder as rec_module
+
+    class FullDisk:
+        def append_events(self, *args: object, **kwargs: object) -> None:
+            raise OSError("database or disk is full")
+
+    metrics = Metrics()
+    recorder = Recorder(FullDisk(), EventPolicy(600, 3), metrics=metrics)  # type: ignore[arg-type]
+    recorder.record(event(0.0, ev.DHCP_DISCOVER, "a"))
+    lines: list[str] = []
+    monkeypatch.setattr(rec_module.log, "error", lambda msg, **kw: lines.append(msg))
+
+    async def run() -> None:
+        task = asyncio.create_task(recorder.run_flusher(interval=0.01))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    exposed = generate_latest(metrics.registry).decode()
+    failures = float(exposed.split("\nbootd_event_store_failures_total ")[1].split()[0])
+    assert failures >= 10 and len(lines) == 1  # every flush failed, one line said so
+    assert len(recorder._pending) == 1  # kept for when the disk has room again
