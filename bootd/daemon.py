@@ -60,10 +60,9 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
     drain = server.drain_timeout
     async with contextlib.AsyncExitStack() as stack:
         dhcp = DhcpService(lambda: live.current.dhcp, store, rt.metrics, rt.recorder)
-        dhcp_transports = [t for t, _ in await open_endpoints(
-            server.interfaces, server.dhcp_port, dhcp.handle)]
-        for transport in dhcp_transports:
-            stack.callback(transport.close)
+        dhcp_endpoints = await open_endpoints(server.interfaces, server.dhcp_port, dhcp)
+        for endpoint in dhcp_endpoints:
+            stack.callback(endpoint.close)
         tftp = await start_tftp(lambda: live.current.tftp, server.tftp_port,
                                 single_port=config.tftp.single_port,
                                 on_record=TransferReporter(rt.metrics, rt.recorder))
@@ -107,8 +106,8 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
         # Drain: stop taking new work everywhere, then let work in flight finish.
         notifier.stopping()
         log.info("bootd draining", timeout=drain, tftp_transfers=len(tftp.active))
-        for transport in dhcp_transports:
-            transport.close()
+        for endpoint in dhcp_endpoints:
+            endpoint.close()
         left, _ = await asyncio.gather(tftp.drain(drain), boot_runner.cleanup())
         if left:
             log.warning("tftp transfers cut short by shutdown", count=left)

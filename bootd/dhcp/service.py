@@ -96,8 +96,20 @@ class DhcpService:
         self.trouble_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, 64)  # per kind of trouble
         self.informs = TokenBucket(INFORM_RATE, INFORM_BURST, UNKNOWN_MAC_MEMORY)
         self._packets = {kind: metrics.dhcp_packets.labels(kind) for kind in (
-            "malformed", "store-failed", "rate-limited",
+            "malformed", "store-failed", "rate-limited", "shed",
             *(c.kind for c in _OUTCOME_CLASSES))}
+
+    def is_known(self, data: bytes) -> bool:
+        """Is this datagram from a machine bootd knows (a configured or learned MAC, or
+        one holding a bound lease)? Read off chaddr without decoding: the transport asks
+        it of every datagram of a flood, to answer these first."""
+        if len(data) < 34 or data[2] != 6:
+            return False
+        return self.context().directory.is_known_mac(data[28:34].hex(":"))
+
+    def shed(self, count: int) -> None:
+        """Datagrams of unknown machines the transport dropped under load, unanswered."""
+        self._packets["shed"].inc(count)
 
     def handle(self, data: bytes, interface: str, now: float) -> Datagram | None:
         try:

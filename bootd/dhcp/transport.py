@@ -1,8 +1,25 @@
-"""asyncio shell around the DHCP service: one UDP endpoint per configured interface.
+"""asyncio shell around the DHCP service: one UDP socket per configured interface.
 
 It only moves bytes: a datagram goes to the service with the time it arrived, and what
 comes back is sent. The one thing it knows about DHCP is delivery to a client that has
 no address yet (RFC 2131 4.1): an ARP entry for yiaddr, or broadcast if that is refused.
+
+Theory of operation
+-------------------
+
+Under a flood from random MACs, a reserved node must still boot (issue 16, finding 1:
+it completed 1 DORA in 17). So each wakeup drains the socket instead of taking one
+datagram (the kernel's buffer would otherwise fill and drop the node's packets with
+the flood's), then:
+
+1. Every datagram the service calls a known machine's (`Service.is_known`: a configured
+   MAC, a learned one, a bound lease) is answered, in arrival order.
+2. Then at most UNKNOWN_PER_WAKEUP of the others, in arrival order; the rest are shed
+   (counted by the service's `shed`), never queued: their clients retransmit, and a
+   queue would only turn a flood into latency for everyone.
+3. A wakeup reads at most DRAIN_LIMIT datagrams, so other work (TFTP, HTTP, timers)
+   runs between batches.
+Without a flood every wakeup finds a datagram or two, all answered.
 """
 
 from __future__ import annotations
@@ -12,9 +29,8 @@ import fcntl
 import socket
 import struct
 import time
-from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import cast
+from typing import Protocol
 
 import structlog
 
@@ -26,9 +42,6 @@ log = structlog.get_logger("bootd.dhcp")
 SIOCSARP = 0x8955
 ATF_COM = 0x02
 ARPHRD_ETHER = 1
-
-# datagram, receiving interface, arrival time -> the reply, if any
-Handler = Callable[[bytes, str, float], Datagram | None]
 
 
 def open_socket(interface: str, port: int) -> socket.socket:
@@ -57,39 +70,82 @@ def add_arp_entry(sock: socket.socket, interface: str, ip: IPv4Address, mac: byt
     fcntl.ioctl(sock.fileno(), SIOCSARP, req)
 
 
-class DhcpEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, interface: str, handler: Handler) -> None:
+DRAIN_LIMIT = 2048  # datagrams read per wakeup, at most
+UNKNOWN_PER_WAKEUP = 64  # datagrams of unknown machines answered per wakeup, at most
+
+
+class Service(Protocol):
+    def handle(self, data: bytes, interface: str, now: float) -> Datagram | None: ...
+
+    def is_known(self, data: bytes) -> bool: ...
+
+    def shed(self, count: int) -> None: ...
+
+
+class DhcpEndpoint:
+    """One interface's socket, read by draining it on each wakeup (see above)."""
+
+    def __init__(self, interface: str, sock: socket.socket, service: Service) -> None:
         self.interface = interface
-        self.handler = handler
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.service = service
         self.arp_works = True
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._drain)
+        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def _drain(self) -> None:
+        recv, received = self.sock.recv, []
+        for _ in range(DRAIN_LIMIT):
+            try:
+                received.append(recv(4096))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP errors reported on the socket
+                log.debug("dhcp socket error", interface=self.interface, error=str(exc))
+                break
+        if not received:
+            return
+        now, is_known, others = time.time(), self.service.is_known, []
+        for data in received:
+            if is_known(data):
+                self._answer(data, now)
+            else:
+                others.append(data)
+        for data in others[:UNKNOWN_PER_WAKEUP]:
+            self._answer(data, now)
+        if len(others) > UNKNOWN_PER_WAKEUP:
+            self.service.shed(len(others) - UNKNOWN_PER_WAKEUP)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = self.handler(data, self.interface, time.time())
+    def _answer(self, data: bytes, now: float) -> None:
+        reply = self.service.handle(data, self.interface, now)
         if reply is not None:
             self.send(reply)
 
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
     def send(self, reply: Datagram) -> None:
-        if self.transport is None:
+        if self.closed:
             return
         dest = reply.dest
         if reply.hw_unicast_to is not None:
             dest = self._reachable(reply.dest, reply.hw_unicast_to) or BROADCAST
         try:
-            self.transport.sendto(reply.payload, (str(dest), reply.port))
+            # a full send buffer drops this reply as the network would; the client retries
+            self.sock.sendto(reply.payload, (str(dest), reply.port))
         except OSError as exc:
             log.warning("dhcp send failed", interface=self.interface, dest=str(dest),
                         error=str(exc))
 
     def _reachable(self, ip: IPv4Address, chaddr: bytes) -> IPv4Address | None:
-        if not self.arp_works or self.transport is None:
+        if not self.arp_works:
             return None
-        sock = self.transport.get_extra_info("socket")
         try:
-            add_arp_entry(sock, self.interface, ip, chaddr)
+            add_arp_entry(self.sock, self.interface, ip, chaddr)
         except OSError as exc:
             self.arp_works = False
             log.info("cannot add ARP entries, answering by broadcast", error=str(exc),
@@ -97,23 +153,16 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
             return None
         return ip
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("dhcp socket error", interface=self.interface, error=str(exc))
-
-
-async def open_endpoints(interfaces: list[str], port: int, handler: Handler,
-                         ) -> list[tuple[asyncio.DatagramTransport, DhcpEndpoint]]:
-    loop = asyncio.get_running_loop()
-    out: list[tuple[asyncio.DatagramTransport, DhcpEndpoint]] = []
+async def open_endpoints(interfaces: list[str], port: int, service: Service,
+                         ) -> list[DhcpEndpoint]:
+    out: list[DhcpEndpoint] = []
     for name in interfaces:
         try:
             sock = open_socket(name, port)
         except OSError as exc:
-            for transport, _ in out:
-                transport.close()
+            for endpoint in out:
+                endpoint.close()
             raise OSError(exc.errno, f"cannot listen for DHCP on {name}:{port}: "
                           f"{exc.strerror}") from exc
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda name=name: DhcpEndpoint(name, handler), sock=sock)  # type: ignore[misc]
-        out.append((transport, protocol))
+        out.append(DhcpEndpoint(name, sock, service))
     return out

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from bootd.fleet.inventory import Inventory, NodeProfile, PortId
-from bootd.state.leases import Lease, RangeLeases
+from bootd.state.leases import Lease, LeaseState, RangeLeases
 
 _NOTHING_LEARNED: list[tuple[str, str]] = []  # shared and never mutated
 
@@ -64,6 +64,14 @@ class NodeDirectory:
             leases.restore(stored)
         ported = {n.name for n in inventory.nodes if n.port is not None}
         return cls(inventory, leases, {name: mac for name, mac in learned if name in ported})
+
+    def is_known_mac(self, mac: str) -> bool:
+        """A configured MAC, one learned for a port-identified node, or one holding a
+        bound lease of the catch-all ranges (asked per datagram under a flood)."""
+        if self.inventory.reserved(mac) is not None or mac in self._learned_by_mac:
+            return True
+        lease = self.leases.lookup(mac) if self.leases is not None else None
+        return lease is not None and lease.state is LeaseState.BOUND
 
     @property
     def nodes(self) -> tuple[NodeProfile, ...]:

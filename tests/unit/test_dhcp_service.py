@@ -157,7 +157,7 @@ def test_exhaustion_and_store_failures_are_logged_once_a_minute(tmp_path: Path) 
     with capture_logs() as logs:
         for i in range(1, 30):
             assert svc.handle(packet(MessageType.DISCOVER, f"52:54:00:00:01:{i:02x}"),
-                              "br0", float(i)) is None
+                              "br0", i / 10) is None  # the one address is held 15 s
     assert [e["event"] for e in logs].count("dhcp exhausted") == 1
     assert svc.metrics.dhcp_packets.labels("exhausted")._value.get() == 29
     broken = Store(tmp_path / "b.sqlite3")
@@ -171,3 +171,33 @@ def test_exhaustion_and_store_failures_are_logged_once_a_minute(tmp_path: Path) 
                              SERVER_ID=IPv4Address("10.0.0.1").packed)
             assert svc.handle(request, "br0", 101.0 + t) is None
     assert len([e for e in logs if "store write failed" in e["event"]]) == 1
+
+
+def test_an_offer_is_held_briefly(tmp_path: Path) -> None:
+    """Issue 16, finding 2: offers were held 60 s, so 50 DISCOVERs a minute from random
+    MACs kept a 50-address range exhausted. Now 15 s (PXE firmware REQUESTs within 4 s)."""
+    tiny = CATCH_ALL.replace("10.0.0.100-10.0.0.110", "10.0.0.100-10.0.0.100")
+    svc = service(tmp_path, tiny)
+    assert svc.handle(packet(MessageType.DISCOVER, "52:54:00:00:01:00"), "br0", 0.0)
+    assert svc.handle(packet(MessageType.DISCOVER, "52:54:00:00:01:01"), "br0", 14.0) is None
+    assert svc.handle(packet(MessageType.DISCOVER, "52:54:00:00:01:01"), "br0", 15.5)
+
+
+def test_known_machines_are_told_apart_from_the_raw_bytes(tmp_path: Path) -> None:
+    """What the transport asks of every datagram under a flood: reserved and bound MACs
+    are known, an offer alone does not make a machine known, a runt is not."""
+    svc = service(tmp_path, CATCH_ALL)
+    reserved = packet(MessageType.DISCOVER, "02:00:00:00:00:01")
+    assert svc.is_known(reserved)
+    stranger = packet(MessageType.DISCOVER, "52:54:00:00:02:00")
+    assert not svc.is_known(stranger)
+    assert svc.handle(stranger, "br0", 0.0)  # offered, not yet bound
+    assert not svc.is_known(stranger)
+    request = packet(MessageType.REQUEST, "52:54:00:00:02:00",
+                     REQUESTED_IP=IPv4Address("10.0.0.100").packed,
+                     SERVER_ID=IPv4Address("10.0.0.1").packed)
+    assert svc.handle(request, "br0", 1.0)
+    assert svc.is_known(stranger)  # bound: it renews ahead of a flood too
+    assert not svc.is_known(reserved[:30])
+    svc.shed(5)
+    assert svc.metrics.dhcp_packets.labels("shed")._value.get() == 5

@@ -6,6 +6,9 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bootd.state.leases import Lease, LeaseDeleted, LeaseState, LeaseTable
 from bootd.state.store import Store
 
@@ -221,3 +224,31 @@ def test_token_bucket() -> None:
     assert not bucket.allow("a", 0.5)
     assert bucket.allow("b", 0.0) and bucket.allow("c", 0.0)
     assert bucket.allow("a", 0.5)  # "a" was forgotten (size 2): a fresh bucket
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["offer", "bind", "release", "decline", "forget"]),
+                          st.integers(0, 7), st.integers(0, 400)), max_size=80))
+def test_reuse_picks_the_address_that_expired_longest_ago(
+        ops: list[tuple[str, int, int]]) -> None:
+    """The expiry heap answers what a scan of every lease would (the scan it replaced):
+    among free addresses, the earliest expiry, then the lowest address."""
+    t = table(first=100, last=103)
+    now = 0.0
+    for op, client, dt in ops:
+        now += dt
+        mac = f"02:00:00:00:01:{client:02x}"
+        if op == "offer":
+            t.offer(mac, now)
+        elif op == "bind" and (lease := t.lookup(mac)) and t.is_free_for(lease.ip, mac, now):
+            t.bind(mac, lease.ip, now, lease_time=300)
+        elif op == "release" and (lease := t.lookup(mac)):
+            t.release(mac, lease.ip, now)
+        elif op == "decline" and (lease := t.lookup(mac)):
+            t.decline(mac, lease.ip, now)
+        elif op == "forget":
+            t.forget_offer(mac)
+        stranger = "02:00:00:00:02:00"
+        free = [held for held in t.leases() if t.is_free_for(held.ip, stranger, now)]
+        expected = min(free, key=lambda h: (h.expires, int(h.ip))).ip if free else None
+        assert t._oldest_expired(now, stranger) == expected

@@ -1,0 +1,75 @@
+"""The DHCP transport's wakeup: drain the socket, known machines first, a budget for the
+rest (see bootd.dhcp.transport's theory of operation), on a real loopback socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from bootd.dhcp import transport
+from bootd.dhcp.service import Datagram
+
+
+class FakeService:
+    def __init__(self) -> None:
+        self.answered: list[bytes] = []
+        self.shed_count = 0
+
+    def handle(self, data: bytes, interface: str, now: float) -> Datagram | None:
+        self.answered.append(data)
+        return None
+
+    def is_known(self, data: bytes) -> bool:
+        return data.startswith(b"known")
+
+    def shed(self, count: int) -> None:
+        self.shed_count += count
+
+
+async def test_a_wakeup_answers_known_machines_first_and_sheds_the_excess() -> None:
+    service = FakeService()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # a flood of 300 unknown datagrams with 3 known ones among them, all queued before
+    # the loop gets to read
+    sent = []
+    for i in range(300):
+        sent.append(f"unknown {i}".encode())
+        if i in (10, 150, 299):
+            sent.append(f"known {i}".encode())
+    for data in sent:
+        sender.sendto(data, sock.getsockname())
+    endpoint = transport.DhcpEndpoint("lo", sock, service)
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if service.answered:
+                break
+        budget = transport.UNKNOWN_PER_WAKEUP
+        assert service.answered[:3] == [b"known 10", b"known 150", b"known 299"]
+        assert service.answered[3:] == [f"unknown {i}".encode() for i in range(budget)]
+        assert service.shed_count == 300 - budget
+    finally:
+        endpoint.close()
+        sender.close()
+    assert sock.fileno() == -1  # closed with the endpoint
+
+
+async def test_a_quiet_socket_answers_everything() -> None:
+    service = FakeService()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    endpoint = transport.DhcpEndpoint("lo", sock, service)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for i in range(5):
+            sender.sendto(f"unknown {i}".encode(), sock.getsockname())
+            await asyncio.sleep(0.01)
+        assert len(service.answered) == 5 and service.shed_count == 0
+    finally:
+        endpoint.close()
+        sender.close()
