@@ -220,12 +220,24 @@ class TokenConfig(_Model):
     command: str | None = None
     refresh: Duration = 12 * 3600.0
     timeout: Duration = 30.0
+    # per_node: `command` mints a token for each node and boot attempt (with {node},
+    # {mac} and {ip} in the command and BOOTD_NODE/MAC/IP in its environment); it is
+    # revoked by `revoke` ({token_id}, {token}, {node}, ...) after the node reports
+    # joined or failed, when its next attempt mints another, or after `ttl`
+    per_node: bool = False
+    revoke: str | None = None
+    ttl: Duration = 900.0
+    max_catch_all: int = Field(default=20, ge=0, le=100000)  # outstanding, catch-all nodes
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TokenConfig:
         given = [k for k in ("value", "file", "command") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("token needs exactly one of value, file or command")
+        if self.per_node and self.command is None:
+            raise ValueError("per_node tokens are minted by a command")
+        if self.revoke is not None and not self.per_node:
+            raise ValueError("revoke is for per_node tokens")
         return self
 
 

@@ -94,6 +94,9 @@ async def metrics(request: web.Request) -> web.Response:
         status = provider.status()
         registry.token_failures.labels(name).set(status.failures)
         registry.token_available.labels(name).set(1 if status.has_token else 0)
+        if provider.config.per_node:
+            for kind in ("minted", "revoked", "refused", "outstanding"):
+                registry.tokens_minted.labels(name, kind).set(getattr(status, kind))
     recorder = request.app[RECORDER]
     if recorder is not None:
         recorder.update_gauges()

@@ -47,7 +47,7 @@ from bootd.fleet.render import (
     ipxe_node,
     join_script,
 )
-from bootd.fleet.tokens import TokenProvider
+from bootd.fleet.tokens import TokenProvider, TokenRefused
 from bootd.live import View
 from bootd.ops.metrics import Metrics
 from bootd.ops.ratelimit import TokenBucket
@@ -338,10 +338,11 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------- secrets
 
 
-def _secret_material(request: web.Request, mac: str, what: str,
-                     ) -> tuple[NodeProfile, ClusterConfig | None, str | None]:
+async def _secret_material(request: web.Request, mac: str, what: str,
+                           ) -> tuple[NodeProfile, ClusterConfig | None, str | None]:
     """Node, cluster and token for a secret-bearing document: only to a request from the
-    node's own address (403 otherwise), and 503 while the cluster has no token yet."""
+    node's own address (403 otherwise), and 503 while the cluster has no token yet (or,
+    for per-node tokens, none could be minted for this node now)."""
     settings = _settings(request)
     node = settings.directory.resolve(mac)
     client = _client_ip(request)
@@ -357,7 +358,22 @@ def _secret_material(request: web.Request, mac: str, what: str,
     token = None
     if cluster is not None and node.cluster is not None:
         provider = settings.tokens.get(node.cluster)
-        token = provider.token() if provider is not None else None
+        if provider is not None and provider.config.per_node:
+            recorder = request.app[RECORDER]
+            state = recorder.state(node.name) if recorder is not None else None
+            try:
+                # (no events yet: this request's own event begins attempt 1)
+                token = await provider.token_for(node.name, mac, str(client),
+                                                 state.attempts if state else 1,
+                                                 catch_all=node.dynamic)
+            except TokenRefused as exc:
+                log.warning(f"http {what} token refused", **_node_fields(node, mac),
+                            reason=str(exc))
+                raise web.HTTPServiceUnavailable(
+                    text=f"bootd: no join token for this node now: {exc}\n",
+                    headers={"Retry-After": "60"}) from None
+        else:
+            token = provider.token() if provider is not None else None
         if token is None:
             log.error(f"http {what} no-token", **_node_fields(node, mac))
             raise web.HTTPServiceUnavailable(
@@ -370,7 +386,7 @@ def _secret_material(request: web.Request, mac: str, what: str,
 @routes.get("/nodes/{mac}/join.sh")
 async def join(request: web.Request) -> web.Response:
     mac = _mac_or_400(request.match_info["mac"])
-    node, cluster, token = _secret_material(request, mac, "join-script")
+    node, cluster, token = await _secret_material(request, mac, "join-script")
     url = _settings(request).url_for(_client_ip(request))
     return web.Response(text=join_script(node, mac, url, cluster, token),
                         content_type="text/x-shellscript", headers={"Cache-Control": "no-store"})
@@ -383,7 +399,7 @@ async def cloud_init(request: web.Request) -> web.Response:
     mac = _mac_or_400(request.match_info["mac"])
     doc = request.match_info["doc"]
     if doc == "user-data":
-        node, cluster, token = _secret_material(request, mac, "cloud-init-user-data")
+        node, cluster, token = await _secret_material(request, mac, "cloud-init-user-data")
         text = cloud_user_data(node, mac, settings.url_for(_client_ip(request)), cluster,
                                token, settings.domain_for(node))
         return web.Response(text=text, content_type="text/cloud-config",
@@ -443,6 +459,10 @@ async def node_event(request: web.Request) -> web.Response:
     _event(request, known, found.node, found.mac, "error" if known == events.FAILED else "ok",
            message=message or None, reported=True,
            reported_stage=stage if known != stage else None)
+    if known in events.FINISHED and found.node.cluster is not None:
+        provider = _settings(request).tokens.get(found.node.cluster)
+        if provider is not None and provider.config.per_node:
+            provider.finish(found.node.name, f"the node reported {known}")
     return web.Response(status=204)
 
 

@@ -35,6 +35,9 @@ class Metrics:
         self.token_available = Gauge(
             "bootd_join_token_available", "1 if a join token is available for the cluster",
             ["cluster"], registry=self.registry)
+        self.tokens_minted = Gauge(
+            "bootd_join_tokens_per_node", "Per-node join tokens since start (minted, revoked, "
+            "refused) and held now (outstanding)", ["cluster", "kind"], registry=self.registry)
         self.reloads = Counter(
             "bootd_config_reloads", "Config reloads, by outcome", ["outcome"],
             registry=self.registry)
