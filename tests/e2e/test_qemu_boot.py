@@ -14,6 +14,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,56 @@ def test_bootd_lab_boots_vms_to_joined(image: Path) -> None:
     assert "lab: status page http://127.0.0.1:" in proc.stdout  # a newcomer sees it
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     assert "bootdlab-" not in leftovers.stdout
+
+
+KUBEADM_STAND_IN = """#!/bin/sh
+# kubeadm on the control plane, as bootd runs it: records every call and the token made
+case "$2" in
+  create) token=$(printf '%06x.%016x' $(shuf -i 0-16777215 -n 1) $(shuf -i 0-4294967295 -n 1))
+          echo "create $BOOTD_NODE $token" >> {log}; echo "$token" ;;
+  delete) echo "delete $3" >> {log} ;;
+esac
+"""
+
+
+def test_minted_tokens_through_whole_boots(image: Path, tmp_path: Path) -> None:
+    """Two VMs boot with join tokens minted per node: each ran kubeadm with its own token
+    (the test image's kubeadm reports a digest of it), never the other's, and each token
+    was deleted once its node reported joined."""
+    log = tmp_path / "kubeadm-calls.log"
+    kubeadm = tmp_path / "kubeadm"
+    kubeadm.write_text(KUBEADM_STAND_IN.format(log=log))
+    kubeadm.chmod(0o755)
+    config = CONFIG.format(server=SERVER, tmp=tmp_path, image=image, ca_hash=CA_HASH,
+                           token=TOKEN).replace(
+        f"token: {{value: {TOKEN}}}",
+        f'token: {{command: "{kubeadm} token create --ttl 15m", per_node: true, '
+        f'revoke: "{kubeadm} token delete {{token_id}}"}}')
+    assert "per_node: true" in config
+    with NetLab("bde2e") as lab:
+        vmlab = VmLab(lab, tmp_path, config, f"{SERVER}/24")
+        for mac in ("52:54:00:12:34:01", "52:54:00:12:34:02"):
+            vmlab.start_vm(mac)
+        for mac in ("52:54:00:12:34:01", "52:54:00:12:34:02"):
+            wait_joined(vmlab, mac, timeout=300)
+        used = {}
+        for node in ("vm1", "vm2"):
+            steps = last_attempt_steps(vmlab.status(node))
+            message = next(str(s["detail"]["message"]) for s in steps  # type: ignore[index]
+                           if s["stage"] == "kubeadm" and "--token" in str(s["detail"]))
+            used[node] = message.split("--token token-sha256:")[1].split()[0]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and log.read_text().count("delete") < 2:
+            time.sleep(0.2)
+        calls = log.read_text().splitlines()
+        minted = {c.split()[1]: c.split()[2] for c in calls if c.startswith("create")}
+        assert sorted(minted) == ["vm1", "vm2"], calls  # one token each, minted once
+        for node, token in minted.items():
+            assert used[node] == hashlib.sha256(token.encode()).hexdigest()[:16]
+        assert used["vm1"] != used["vm2"]
+        deleted = [c.split()[1] for c in calls if c.startswith("delete")]
+        assert sorted(deleted) == sorted(t.split(".")[0] for t in minted.values())
+        for token in minted.values():  # created before it was deleted
+            assert calls.index(f"delete {token.split('.')[0]}") > next(
+                i for i, c in enumerate(calls) if c.endswith(token))
+            assert token not in vmlab.log.read_text()  # never in bootd's log
