@@ -70,11 +70,12 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
         flusher = asyncio.create_task(rt.recorder.run_flusher())
         stack.push_async_callback(_cancel_and_wait, flusher)  # flushes what is pending
         boot_runner = await stack.enter_async_context(serve_http(
-            boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder),
+            boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder, rt.approvals),
             host="0.0.0.0", port=server.http_port, drain=drain))
         await stack.enter_async_context(serve_http(
             admin_app(live.view(lambda s: s.admin), rt.metrics, rt.recorder, rt.reload,
-                      Explainer(tuple(ARCH_CODES), lambda *a: _explain(rt, *a))),
+                      Explainer(tuple(ARCH_CODES), lambda *a: _explain(rt, *a)),
+                      rt.approvals),
             api=server.api))
 
         def summary() -> str:

@@ -42,6 +42,7 @@ from bootd.http.admin import AdminSettings, ReloadResult
 from bootd.http.boot import BootSettings
 from bootd.live import Live
 from bootd.ops.metrics import Metrics
+from bootd.state.approvals import Approvals
 from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 from bootd.tftp.protocol import Limits
@@ -146,6 +147,7 @@ class Runtime:
         self.live = Live(build_snapshot(config, store, hashes=self.hashes))
         self._count_leases(self.live.current)
         self.recorder = Recorder(store, lambda: self.live.current.events, metrics=metrics)
+        self.approvals = Approvals(store)
         log.info("boot events restored", count=self.recorder.load(
             node.name for node in self.snapshot.directory.nodes))
 

@@ -1,6 +1,7 @@
 """`bootd` command line: serve the fleet, ask the daemon, and try things out.
 
-Daemon: serve, reload. Fleet and boots: check, explain, nodes, status. Diagnosis: probe.
+Daemon: serve, reload. Fleet and boots: check, explain, nodes, status, approve.
+Diagnosis: probe.
 Demo: lab.
 """
 
@@ -101,7 +102,8 @@ def _api_path(args: argparse.Namespace) -> str:
         return "/run/bootd/api.sock"
 
 
-async def _admin_request(api: str, method: str, path: str) -> tuple[int, str]:
+async def _admin_request(api: str, method: str, path: str,
+                         body: object | None = None) -> tuple[int, str]:
     """One request to the admin API (unix socket or loopback host:port)."""
     import aiohttp
 
@@ -113,8 +115,29 @@ async def _admin_request(api: str, method: str, path: str) -> tuple[int, str]:
         url = f"http://{api}{path}"
     timeout = aiohttp.ClientTimeout(total=30)
     async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                session.request(method, url) as resp):
+                session.request(method, url, json=body) as resp):
         return resp.status, await resp.text()
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Let catch-all machines of a `join: approve` pool join (they wait until then)."""
+    if bool(args.nodes) == bool(args.all):
+        print("bootd approve: name nodes, or --all (every node awaiting now)",
+              file=sys.stderr)
+        return 2
+    api = _api_path(args)
+    body = {"all": True} if args.all else {"nodes": args.nodes}
+    try:
+        status, text = asyncio.run(_admin_request(api, "POST", "/api/v1/approve", body))
+    except OSError as exc:
+        print(f"bootd approve: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"bootd approve: {text.strip()}", file=sys.stderr)
+        return 1
+    approved = json.loads(text)["approved"]
+    print(f"approved: {', '.join(approved)}" if approved else "nothing new to approve")
+    return 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -379,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help="admin API: unix socket path or loopback host:port "
                    "(default: server.api from the config)")
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("approve", help="let catch-all machines awaiting approval join")
+    with_config(p)
+    p.add_argument("nodes", nargs="*", metavar="NODE", help="node names (bootd status)")
+    p.add_argument("--all", action="store_true", help="every node awaiting approval now")
+    p.add_argument("--api", help="admin API (default: server.api from the config)")
+    p.set_defaults(func=cmd_approve)
 
     p = sub.add_parser("status", help="where every node is in its boot")
     with_config(p)

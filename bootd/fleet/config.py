@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -405,6 +405,10 @@ class DynamicConfig(_Model):
     range: AddressRange | None = None
     ranges: list[AddressRange] = []
     name: str = "node-{mac}"
+    # approve: a machine's join.sh waits (polling every approval_poll) until an operator
+    # runs `bootd approve NODE` (enlistment, as in MAAS); auto: it joins at once
+    join: Literal["auto", "approve"] = "auto"
+    approval_poll: Duration = 15.0
 
     @model_validator(mode="after")
     def _one_form(self) -> DynamicConfig:

@@ -61,6 +61,7 @@ class NodeProfile:
     port: PortId | None = None
     tags: tuple[str, ...] = ()  # in merge order
     dynamic: bool = False
+    approval_poll: float | None = None  # a catch-all node that joins once approved
     image: str | None = None
     cluster: str | None = None
     timezone: str | None = None
@@ -183,8 +184,10 @@ class Inventory:
                 for text in pool.dynamic.all_ranges():
                     first, last = range_bounds(text)
                     ranges.append(AddressRange(self.network_name(first) or "", first, last))
+                poll = pool.dynamic.approval_poll if pool.dynamic.join == "approve" else None
                 self.catch_all = DynamicPool(pool.name, tuple(ranges), pool.dynamic.name,
-                                             replace(pool_prof, dynamic=True))
+                                             replace(pool_prof, dynamic=True,
+                                                     approval_poll=poll))
         self._by_mac = by_mac
         self._by_port = by_port
         self.nodes: tuple[NodeProfile, ...] = tuple(nodes)

@@ -91,6 +91,13 @@ def join_script(node: NodeProfile, mac: str, url: str, cluster: ClusterConfig | 
         api_endpoint=api_endpoint, kubelet_args=kubelet_args(node))
 
 
+def join_wait_script(node: NodeProfile, mac: str, url: str, poll: float) -> str:
+    """What a catch-all node awaiting approval gets instead of its join.sh: no secret,
+    a loop that asks again until the real script comes."""
+    return _env.get_template("join-wait.sh.j2").render(node=node, mac=mac, url=url,
+                                                       poll=max(1, round(poll)))
+
+
 def grub_config(node: NodeProfile, mac: str, image: ImageConfig | None, server: str,
                 http_port: int) -> str:
     cmdline = kernel_cmdline(node, image, mac, base_url(server, http_port)) if image else ""

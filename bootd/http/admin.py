@@ -22,6 +22,7 @@ from bootd.fleet.tokens import TokenProvider
 from bootd.http.page import Explainer, PageSources, add_page
 from bootd.live import View
 from bootd.ops.metrics import Metrics
+from bootd.state.approvals import Approvals
 from bootd.state.recorder import Recorder
 
 
@@ -46,6 +47,7 @@ SETTINGS = web.AppKey[View[AdminSettings]]("settings")
 METRICS = web.AppKey("metrics", Metrics)
 RECORDER = web.AppKey[Recorder | None]("recorder")
 RELOAD = web.AppKey[Reload | None]("reload")
+APPROVALS = web.AppKey[Approvals | None]("approvals")
 
 routes = web.RouteTableDef()
 
@@ -156,6 +158,42 @@ async def status_detail(request: web.Request) -> web.Response:
                               "network": network})
 
 
+def _approvals(request: web.Request) -> Approvals:
+    approvals = request.app[APPROVALS]
+    if approvals is None:
+        raise web.HTTPNotImplemented(text="bootd: no approvals in this process\n")
+    return approvals
+
+
+@routes.get("/api/v1/approvals")
+async def approvals_status(request: web.Request) -> web.Response:
+    """Catch-all nodes awaiting an operator (with when they last asked), and approved."""
+    approvals = _approvals(request)
+    return web.json_response({"awaiting": dict(approvals.awaiting),
+                              "approved": sorted(approvals.approved)})
+
+
+@routes.post("/api/v1/approve")
+async def approve(request: web.Request) -> web.Response:
+    """{"nodes": [NAME, ...]} or {"all": true}: every node awaiting now."""
+    approvals = _approvals(request)
+    try:
+        body = await request.json()
+        nodes = [str(n) for n in body.get("nodes", [])]
+        everyone = body.get("all") is True
+    except (ValueError, AttributeError, TypeError):
+        raise web.HTTPBadRequest(text='bootd: expected {"nodes": [...]} or {"all": true}\n',
+                                 ) from None
+    now = time.time()
+    unknown = [n for n in nodes if n not in approvals.awaiting
+               and n not in approvals.approved]
+    if unknown:  # a typo must not approve a name no machine has asked with
+        raise web.HTTPNotFound(text=f"bootd: no catch-all node awaiting approval is "
+                                    f"named {', '.join(unknown)}\n")
+    approved = approvals.approve_all(now) if everyone else approvals.approve(nodes, now)
+    return web.json_response({"approved": approved})
+
+
 @routes.post("/api/v1/reload")
 async def reload_config(request: web.Request) -> web.Response:
     reload = request.app[RELOAD]
@@ -169,13 +207,15 @@ async def reload_config(request: web.Request) -> web.Response:
 
 def admin_app(settings: View[AdminSettings], metrics: Metrics,
               recorder: Recorder | None = None, reload: Reload | None = None,
-              explainer: Explainer | None = None) -> web.Application:
+              explainer: Explainer | None = None, approvals: Approvals | None = None,
+              ) -> web.Application:
     """The admin API, and the status page (bootd.http.page) that draws its answers."""
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[RECORDER] = recorder
     app[RELOAD] = reload
+    app[APPROVALS] = approvals
     app.add_routes(routes)
     add_page(app, PageSources(lambda: settings.get().directory, recorder, explainer,
                               asyncio.Event()))

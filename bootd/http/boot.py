@@ -46,12 +46,14 @@ from bootd.fleet.render import (
     ipxe_give_up,
     ipxe_node,
     join_script,
+    join_wait_script,
 )
 from bootd.fleet.tokens import TokenProvider, TokenRefused
 from bootd.live import View
 from bootd.ops.metrics import Metrics
 from bootd.ops.ratelimit import TokenBucket
 from bootd.state import events
+from bootd.state.approvals import Approvals
 from bootd.state.events import BootEvent
 from bootd.state.recorder import Recorder
 
@@ -106,6 +108,7 @@ class BootSettings:
 SETTINGS = web.AppKey[View[BootSettings]]("settings")
 METRICS = web.AppKey("metrics", Metrics)
 RECORDER = web.AppKey[Recorder | None]("recorder")
+APPROVALS = web.AppKey[Approvals | None]("approvals")
 EVENT_LIMIT = web.AppKey("event_limit", TokenBucket)
 
 
@@ -354,6 +357,12 @@ async def _secret_material(request: web.Request, mac: str, what: str,
         log.warning(f"http {what} refused", mac=mac, client=request.remote, reason=refused)
         _event(request, events.REFUSED, node, mac, "refused", reason=f"{what}: {refused}")
         raise web.HTTPForbidden(text=f"bootd: {what} is served only to its node\n")
+    approvals = request.app[APPROVALS]
+    if (node.approval_poll is not None and approvals is not None
+            and not approvals.is_approved(node.name)):
+        approvals.ask(node.name, time.time())
+        _event(request, events.AWAITING_APPROVAL, node, mac, via=what)
+        raise AwaitingApproval(node, mac, node.approval_poll)
     cluster = settings.clusters.get(node.cluster) if node.cluster else None
     token = None
     if cluster is not None and node.cluster is not None:
@@ -383,13 +392,26 @@ async def _secret_material(request: web.Request, mac: str, what: str,
     return node, cluster, token
 
 
+class AwaitingApproval(Exception):
+    """A catch-all node of a `join: approve` pool that an operator has not approved."""
+
+    def __init__(self, node: NodeProfile, mac: str, poll: float) -> None:
+        super().__init__(f"{node.name} awaits `bootd approve {node.name}`")
+        self.node, self.mac, self.poll = node, mac, poll
+
+
 @routes.get("/nodes/{mac}/join.sh")
 async def join(request: web.Request) -> web.Response:
     mac = _mac_or_400(request.match_info["mac"])
-    node, cluster, token = await _secret_material(request, mac, "join-script")
     url = _settings(request).url_for(_client_ip(request))
-    return web.Response(text=join_script(node, mac, url, cluster, token),
-                        content_type="text/x-shellscript", headers={"Cache-Control": "no-store"})
+    try:
+        node, cluster, token = await _secret_material(request, mac, "join-script")
+    except AwaitingApproval as wait:
+        text = join_wait_script(wait.node, mac, url, wait.poll)
+    else:
+        text = join_script(node, mac, url, cluster, token)
+    return web.Response(text=text, content_type="text/x-shellscript",
+                        headers={"Cache-Control": "no-store"})
 
 
 @routes.get("/cloud-init/{mac}/{doc}")
@@ -399,7 +421,11 @@ async def cloud_init(request: web.Request) -> web.Response:
     mac = _mac_or_400(request.match_info["mac"])
     doc = request.match_info["doc"]
     if doc == "user-data":
-        node, cluster, token = await _secret_material(request, mac, "cloud-init-user-data")
+        try:
+            node, cluster, token = await _secret_material(request, mac,
+                                                          "cloud-init-user-data")
+        except AwaitingApproval as wait:  # cloud-init asks again on its next boot
+            raise web.HTTPServiceUnavailable(text=f"bootd: {wait}\n") from None
         text = cloud_user_data(node, mac, settings.url_for(_client_ip(request)), cluster,
                                token, settings.domain_for(node))
         return web.Response(text=text, content_type="text/cloud-config",
@@ -511,11 +537,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
 
 def boot_app(settings: View[BootSettings], metrics: Metrics,
-             recorder: Recorder | None = None) -> web.Application:
+             recorder: Recorder | None = None, approvals: Approvals | None = None,
+             ) -> web.Application:
     app = web.Application(client_max_size=EVENT_MAX_BYTES * 4)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[RECORDER] = recorder
+    app[APPROVALS] = approvals
     app[EVENT_LIMIT] = TokenBucket(EVENT_RATE, EVENT_BURST, 65536)
     app.add_routes(routes)
     app.cleanup_ctx.append(_background)

@@ -43,6 +43,7 @@ INITRD = "initrd"
 KERNEL_HANDOFF = "kernel-handoff"
 ROOTFS = "rootfs"
 JOIN_SCRIPT = "join-script"
+AWAITING_APPROVAL = "awaiting-approval"  # a catch-all node's join.sh waits for an operator
 # Stages nodes report (POST /api/v1/events): a closed set, so that a node cannot invent
 # metric label values or page colours; any other name is stored as OTHER with the name
 # in the event's detail (`reported_stage`).
@@ -59,7 +60,8 @@ REPORTED = frozenset({INITRAMFS, ROOTFS_MOUNTED, JOIN_SCRIPT, SCRIPTS_DONE, KUBE
 REFUSED = "refused"
 # Every stage an event can carry, in boot order: the only values of a stage label.
 STAGES = (DHCP_DISCOVER, DHCP_OFFER, DHCP_ACK, DHCP_NAK, TFTP, IPXE_SCRIPT, KERNEL, INITRD,
-          KERNEL_HANDOFF, INITRAMFS, ROOTFS, ROOTFS_MOUNTED, JOIN_SCRIPT, SCRIPTS_DONE,
+          KERNEL_HANDOFF, INITRAMFS, ROOTFS, ROOTFS_MOUNTED, AWAITING_APPROVAL, JOIN_SCRIPT,
+          SCRIPTS_DONE,
           KUBEADM, JOINED, FAILED, OTHER, REFUSED)
 
 FINISHED = frozenset({JOINED, FAILED})

@@ -17,7 +17,8 @@ from types import MappingProxyType
 from bootd.state.events import BootEvent
 from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, LeaseState
 
-SCHEMA_VERSION = 3  # 2: boot events; 3: MACs learned for port-identified nodes
+# 2: boot events; 3: MACs learned for port-identified nodes; 4: catch-all approvals
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -45,6 +46,10 @@ CREATE INDEX IF NOT EXISTS events_key ON events (key, attempt);
 CREATE TABLE IF NOT EXISTS learned_macs (
     node TEXT PRIMARY KEY,
     mac  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    node TEXT PRIMARY KEY,
+    at   REAL NOT NULL
 );
 """
 
@@ -129,6 +134,18 @@ class Store:
             return list(self._db.execute("SELECT node, mac FROM learned_macs"))
         except sqlite3.OperationalError:
             return []
+
+    def load_approvals(self) -> set[str]:
+        """Catch-all nodes an operator approved (`bootd approve`)."""
+        try:
+            return {row[0] for row in self._db.execute("SELECT node FROM approvals")}
+        except sqlite3.OperationalError:  # an older database, opened read-only
+            return set()
+
+    def save_approvals(self, nodes: Iterable[str], at: float) -> None:
+        with self._transaction() as cur:
+            cur.executemany("INSERT OR REPLACE INTO approvals (node, at) VALUES (?, ?)",
+                            [(node, at) for node in nodes])
 
     def save_learned(self, rows: Iterable[tuple[str, str]]) -> None:
         with self._transaction() as cur:

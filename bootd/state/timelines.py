@@ -38,7 +38,8 @@ PHASE_OF = {
     ev.DHCP_DISCOVER: "DHCP", ev.DHCP_OFFER: "DHCP", ev.DHCP_ACK: "DHCP", ev.DHCP_NAK: "DHCP",
     ev.TFTP: "TFTP", ev.IPXE_SCRIPT: "iPXE script", ev.KERNEL: "kernel",
     ev.INITRD: "initrd", ev.KERNEL_HANDOFF: "initramfs", ev.INITRAMFS: "initramfs",
-    ev.ROOTFS: "rootfs", ev.ROOTFS_MOUNTED: "rootfs", ev.JOIN_SCRIPT: "join",
+    ev.ROOTFS: "rootfs", ev.ROOTFS_MOUNTED: "rootfs", ev.AWAITING_APPROVAL: "join",
+    ev.JOIN_SCRIPT: "join",
     ev.SCRIPTS_DONE: "join", ev.KUBEADM: "join", ev.JOINED: "joined", ev.FAILED: "failed",
 }
 # Lanes of the chart, top to bottom, in the order a healthy boot passes them.

@@ -245,3 +245,34 @@ def test_minted_tokens_through_whole_boots(image: Path, tmp_path: Path) -> None:
             assert calls.index(f"delete {token.split('.')[0]}") > next(
                 i for i, c in enumerate(calls) if c.endswith(token))
             assert token not in vmlab.log.read_text()  # never in bootd's log
+
+
+def test_catch_all_machine_waits_for_approval_then_joins(image: Path, tmp_path: Path) -> None:
+    """`dynamic: {join: approve}`: an unknown VM boots, its join.sh waits, `bootd status`
+    shows it awaiting approval; `bootd approve --all` lets it join."""
+    config = CONFIG.format(server=SERVER, tmp=tmp_path, image=image, ca_hash=CA_HASH,
+                           token=TOKEN).replace(
+        'dynamic: {range: 10.251.0.100-10.251.0.120, name: "node-{mac}"}',
+        'dynamic: {range: 10.251.0.100-10.251.0.120, name: "node-{mac}", join: approve, '
+        'approval_poll: 2s}')
+    assert "join: approve" in config
+    mac, name = "52:54:00:aa:bb:02", "node-52-54-00-aa-bb-02"
+    with NetLab("bde2e") as lab:
+        vmlab = VmLab(lab, tmp_path, config, f"{SERVER}/24")
+        vmlab.start_vm(mac)
+        deadline = time.monotonic() + 240
+        stage = None
+        while time.monotonic() < deadline and stage != "awaiting-approval":
+            time.sleep(1)
+            stage = next((n["stage"] for n in vmlab.nodes() if n["node"] == name), None)
+        assert stage == "awaiting-approval", vmlab.status_text()
+        time.sleep(5)  # it keeps waiting: nothing joins without an operator
+        assert "joined" not in vmlab.console(mac).split("awaiting")[-1]
+        approve = subprocess.run([sys.executable, "-m", "bootd", "approve", "--all", "-c",
+                                  str(vmlab.config)], capture_output=True, text=True,
+                                 timeout=60, check=False)
+        assert approve.returncode == 0 and name in approve.stdout, approve.stderr
+        wait_joined(vmlab, mac, timeout=120)
+        stages = [s["stage"] for s in last_attempt_steps(vmlab.status(name))]
+        assert stages.index("awaiting-approval") < stages.index("join-script")
+        assert stages[-1] == "joined"
