@@ -1,6 +1,6 @@
 """`bootd` command line: serve the fleet, ask the daemon, and try things out.
 
-Daemon: serve, reload. Fleet and boots: check, explain, nodes, status, approve.
+Daemon: serve, reload. Fleet and boots: check, explain, nodes, status, approve, promote.
 Diagnosis: probe.
 Demo: lab.
 """
@@ -137,6 +137,67 @@ def cmd_approve(args: argparse.Namespace) -> int:
         return 1
     approved = json.loads(text)["approved"]
     print(f"approved: {', '.join(approved)}" if approved else "nothing new to approve")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """A catch-all node becomes a reserved one: written to `<config>.d/`, checked as
+    `bootd check` does, and loaded by the daemon (reload)."""
+    import yaml
+
+    from bootd.fleet.config import dropin_dir
+
+    def fail(message: str) -> int:
+        print(f"bootd promote: {message}", file=sys.stderr)
+        return 1
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 1
+    catch_all = Inventory(config).catch_all
+    if catch_all is None:
+        return fail("the config has no catch-all pool")
+    if args.pool not in {p.name for p in config.pools} or args.pool == catch_all.name:
+        return fail(f"{args.pool!r} is not a pool of reserved nodes in {args.config}")
+    api = _api_path(args)
+    try:
+        code, body = asyncio.run(_admin_request(
+            api, "GET", f"/api/v1/status/{urllib.parse.quote(args.node, safe='')}"))
+        approvals_code, approvals = asyncio.run(_admin_request(api, "GET",
+                                                               "/api/v1/approvals"))
+    except OSError as exc:
+        return fail(f"cannot reach the daemon at {api}: {exc}")
+    if code != 200:
+        return fail(f"no catch-all node {args.node!r} has booted ({body.strip()})")
+    row = json.loads(body)
+    if row.get("pool") != catch_all.name or not row.get("mac"):
+        return fail(f"{args.node} is not a catch-all node (pool {row.get('pool')})")
+    pool = next(p for p in config.pools if p.name == catch_all.name)
+    if (pool.dynamic is not None and pool.dynamic.join == "approve"
+            and (approvals_code != 200
+                 or args.node not in json.loads(approvals).get("approved", []))):
+        return fail(f"{args.node} is not approved: bootd approve {args.node} first")
+    target = dropin_dir(args.config) / f"promoted-{args.name}.yaml"
+    if target.exists():
+        return fail(f"{target} exists already")
+    node = {"pool": args.pool, "name": args.name, "mac": row["mac"], "ip": str(args.ip)}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"# bootd promote {args.node} --pool {args.pool} --name {args.name} "
+                      f"--ip {args.ip}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                      + yaml.safe_dump({"nodes": [node]}, sort_keys=False))
+    checked = _load_or_report(args.config)  # the whole config with the new drop-in
+    if checked is None:
+        target.unlink()
+        return fail(f"not promoted: the config would not be valid ({target} removed)")
+    print(f"{args.node} ({row['mac']}) is now {args.name} in pool {args.pool}, ip {args.ip}: "
+          f"{target}")
+    try:
+        status, text = asyncio.run(_admin_request(api, "POST", "/api/v1/reload"))
+    except OSError as exc:
+        return fail(f"written, but the daemon could not reload: {exc}")
+    if status != 200:
+        return fail(f"written, but the reload failed: {text.strip()[:300]}")
+    print("the daemon reloaded: the node boots as reserved from its next DHCP request")
     return 0
 
 
@@ -409,6 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every node awaiting approval now")
     p.add_argument("--api", help="admin API (default: server.api from the config)")
     p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("promote", help="make a catch-all node a reserved one (a drop-in "
+                       "config file, checked, then reloaded)")
+    with_config(p)
+    p.add_argument("node", help="the catch-all node's name (bootd status)")
+    p.add_argument("--pool", required=True, help="the pool of reserved nodes it joins")
+    p.add_argument("--name", required=True, help="its name from now on")
+    p.add_argument("--ip", required=True, type=IPv4Address, help="its reserved address")
+    p.add_argument("--api", help="admin API (default: server.api from the config)")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("status", help="where every node is in its boot")
     with_config(p)

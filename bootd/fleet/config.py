@@ -578,19 +578,32 @@ def _clean_loc(loc: Loc, data: object) -> Loc:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, parse and validate a config file; raise ConfigError listing every problem."""
-    file = str(path)
+def dropin_dir(path: str | Path) -> Path:
+    """Where drop-ins of a config file live: `bootd.yaml.d/` beside `bootd.yaml`."""
+    return Path(f"{path}.d")
+
+
+def _read(path: Path) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue(file, 0, "", f"cannot read: {exc.strerror}")]) from None
+        raise ConfigError([ConfigIssue(str(path), 0, "", f"cannot read: {exc.strerror}")],
+                          ) from None
     except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue(file, 0, "", "not UTF-8 text")]) from None
-    return parse_config(text, file)
+        raise ConfigError([ConfigIssue(str(path), 0, "", "not UTF-8 text")]) from None
 
 
-def parse_config(text: str, file: str = "<config>") -> Config:
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file and its drop-ins (`<file>.d/*.yaml`, in name
+    order: `nodes:` added to the config's pools, as `bootd promote` writes them); raise
+    ConfigError listing every problem, each at its file and line."""
+    text = _read(Path(path))
+    dropins = sorted(dropin_dir(path).glob("*.yaml")) if dropin_dir(path).is_dir() else []
+    return parse_config(text, str(path), [(str(p), _read(p)) for p in dropins])
+
+
+def _document(text: str, file: str) -> tuple[object, _SourceMap]:
+    """A YAML document and where each of its key paths starts."""
     source = _SourceMap(file)
     try:
         loader = yaml.SafeLoader(text)
@@ -607,9 +620,66 @@ def parse_config(text: str, file: str = "<config>") -> Config:
         raise ConfigError([ConfigIssue(file, line, "", f"YAML: {exc.problem}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue(file, 1, "", f"YAML: {exc}")]) from None
+    return data, source
 
+
+class _Sources:
+    """The main file's source map, and the drop-in nodes merged into its pools: an issue
+    about `pools.I.nodes.J...` of a merged node is reported at its drop-in's line."""
+
+    def __init__(self, main: _SourceMap) -> None:
+        self.main = main
+        self.merged: dict[Loc, tuple[_SourceMap, Loc]] = {}
+
+    def issue(self, loc: Loc, message: str) -> ConfigIssue:
+        where = self.merged.get(loc[:4])
+        if where is not None:
+            return where[0].issue((*where[1], *loc[4:]), message)
+        return self.main.issue(loc, message)
+
+
+def _merge_dropin(data: dict[str, Any], sources: _Sources, file: str, text: str,
+                  ) -> list[ConfigIssue]:
+    """Add a drop-in's `nodes:` (each naming its `pool`) to the pools of `data`."""
+    dropin, source = _document(text, file)
     issues = [source.issue(loc, "duplicate key (the later one would win)")
               for loc, _ in source.duplicates]
+    if not isinstance(dropin, dict) or set(dropin) - {"nodes"}:
+        return [*issues, source.issue((), "a drop-in holds only `nodes:` (a list of nodes, "
+                                      "each with the `pool` it belongs to)")]
+    nodes = dropin.get("nodes") or []
+    if not isinstance(nodes, list):
+        return [*issues, source.issue(("nodes",), "must be a list of nodes")]
+    pools = data.get("pools") if isinstance(data.get("pools"), list) else []
+    assert isinstance(pools, list)
+    for j, node in enumerate(nodes):
+        if not isinstance(node, dict):
+            issues.append(source.issue(("nodes", j), "a node is a mapping"))
+            continue
+        index = next((i for i, pool in enumerate(pools) if isinstance(pool, dict)
+                      and pool.get("name") == node.get("pool")), None)
+        if index is None:
+            issues.append(source.issue(("nodes", j, "pool"),
+                                       f"no pool named {node.get('pool')!r} in the config"))
+            continue
+        members = pools[index].setdefault("nodes", [])
+        if not isinstance(members, list):
+            continue  # the main file's own error says so
+        members.append({k: v for k, v in node.items() if k != "pool"})
+        sources.merged[("pools", index, "nodes", len(members) - 1)] = (source, ("nodes", j))
+    return issues
+
+
+def parse_config(text: str, file: str = "<config>",
+                 dropins: list[tuple[str, str]] | None = None) -> Config:
+    """Parse and validate a config's text (and its drop-ins' as (file, text))."""
+    data, source = _document(text, file)
+    sources = _Sources(source)
+    issues = [source.issue(loc, "duplicate key (the later one would win)")
+              for loc, _ in source.duplicates]
+    if isinstance(data, dict):
+        for dropin_file, dropin_text in dropins or []:
+            issues += _merge_dropin(data, sources, dropin_file, dropin_text)
     if not isinstance(data, dict):
         raise ConfigError([*issues, source.issue((), "the top level must be a mapping")])
     if "network" not in data and "networks" not in data:
@@ -622,11 +692,11 @@ def parse_config(text: str, file: str = "<config>") -> Config:
             loc = _clean_loc(tuple(err["loc"]), data)
             msg = err["msg"].removeprefix("Value error, ")
             if "give either `network`" not in msg or not issues:
-                issues.append(source.issue(loc, msg))
+                issues.append(sources.issue(loc, msg))
         raise ConfigError(issues) from None
-    issues += [source.issue(loc, msg) for loc, msg in cross_check(config)]
+    issues += [sources.issue(loc, msg) for loc, msg in cross_check(config)]
     if issues:
-        raise ConfigError(sorted(issues, key=lambda i: i.line))
+        raise ConfigError(sorted(issues, key=lambda i: (i.file != file, i.file, i.line)))
     return config
 
 
