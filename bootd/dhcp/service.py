@@ -14,8 +14,9 @@ Rules:
 2. `decide()` is pure: it reads the node directory and the settings of the current
    runtime snapshot and queues lease changes in the lease table.
 3. Queued lease changes are written to the store *before* the reply is encoded. If the
-   write fails, nothing is sent: a client is never told about an address the store does
-   not have, and the changes stay queued for the next write.
+   write fails, a reply whose decision queued a change is not sent: a client is never
+   told about an address the store does not have, and the changes stay queued for the
+   next write. Replies that depend on no change (reserved nodes, NAKs) still go.
 4. Every outcome is a frozen class (`bootd.dhcp.outcomes`); its log line, metric and boot
    event are chosen by a `match` on the class, never by reading text.
 5. Logging an unknown MAC is limited per MAC (once a minute), so a client retrying
@@ -123,9 +124,12 @@ class DhcpService:
             self._packets["rate-limited"].inc()
             return None
         ctx = self.context()
+        leases = ctx.directory.leases
+        queued = leases.pending() if leases is not None else 0
         outcome = decide(request, ctx, now, interface)
-        if not self._persist(ctx, now):
-            return None
+        changed = leases is not None and leases.pending() > queued
+        if not self._persist(ctx, now) and changed:
+            return None  # this reply depends on a change the store does not have
         self._packets[outcome.kind].inc()
         self._log(outcome, request, interface, now)
         if self.recorder is not None:
@@ -160,8 +164,9 @@ class DhcpService:
             leases.requeue(changes)
             self._packets["store-failed"].inc()
             if self.trouble_log.allow("store", now):
-                log.error("dhcp lease store write failed; replies withheld until it works "
-                          "(logged once a minute)", error=str(exc), pending=len(changes))
+                log.error("dhcp lease store write failed; replies that need it withheld "
+                          "until it works (logged once a minute)", error=str(exc),
+                          pending=len(changes))
             return False
         self.metrics.dhcp_leases.set(len(leases))
         return True

@@ -217,6 +217,10 @@ class LeaseTable:
             kept += 1
         return kept
 
+    def pending(self) -> int:
+        """Changes queued for the store."""
+        return len(self._changes)
+
     def drain_changes(self) -> list[LeaseChange]:
         changes, self._changes = self._changes, []
         return changes
@@ -305,6 +309,9 @@ class RangeLeases:
             if table is not None:
                 kept += table.restore([lease])
         return kept
+
+    def pending(self) -> int:
+        return sum(t.pending() for _, t in self.tables)
 
     def drain_changes(self) -> list[LeaseChange]:
         return [change for _, t in self.tables for change in t.drain_changes()]

@@ -201,3 +201,23 @@ def test_known_machines_are_told_apart_from_the_raw_bytes(tmp_path: Path) -> Non
     assert not svc.is_known(reserved[:30])
     svc.shed(5)
     assert svc.metrics.dhcp_packets.labels("shed")._value.get() == 5
+
+
+def test_a_failing_store_withholds_only_replies_that_need_it(tmp_path: Path) -> None:
+    """Issue 16, finding 9: with a full disk, reserved nodes kept booting; they must go on
+    doing so while a catch-all change waits to be written."""
+    svc = service(tmp_path, CATCH_ALL)
+    broken = Store(tmp_path / "b.sqlite3")
+    broken.close()
+    svc.store = broken
+    stranger = "52:54:00:00:03:00"
+    assert svc.handle(packet(MessageType.DISCOVER, stranger), "br0", 0.0)  # offers: memory
+    request = packet(MessageType.REQUEST, stranger,
+                     REQUESTED_IP=IPv4Address("10.0.0.100").packed,
+                     SERVER_ID=IPv4Address("10.0.0.1").packed)
+    assert svc.handle(request, "br0", 0.1) is None  # its lease is not on disk: no ACK
+    reserved = packet(MessageType.REQUEST, "02:00:00:00:00:01",
+                      REQUESTED_IP=IPv4Address("10.0.0.5").packed,
+                      SERVER_ID=IPv4Address("10.0.0.1").packed)
+    assert svc.handle(reserved, "br0", 0.2) is not None  # needs nothing written
+    assert svc.context().directory.leases.pending() >= 1  # the stranger's, kept for later
