@@ -1,6 +1,7 @@
 """DHCP load for the flood test, run inside the client namespace:
 
     python dhcp_flood.py flood IFACE SECONDS        -> {"sent": N, "rate": N/s}
+    python dhcp_flood.py burst IFACE COUNT          -> {"sent": COUNT}
     python dhcp_flood.py dora IFACE MAC SECONDS     -> {"attempts", "completed", ...}
 
 `flood` sends DISCOVERs from random MACs as fast as one Python process can (no
@@ -57,6 +58,15 @@ def flood(iface: str, seconds: float) -> dict[str, float]:
         elapsed = time.monotonic() - started
         if elapsed >= seconds:
             return {"sent": sent, "rate": round(sent / elapsed)}
+
+
+def burst(iface: str, count: int) -> dict[str, float]:
+    """`count` DISCOVERs from as many random MACs, at once."""
+    s = sock_on(iface, 0)
+    for _ in range(count):
+        s.sendto(packet(b"\x02\xdd" + os.urandom(4), struct.unpack("!I", os.urandom(4))[0],
+                        1, broadcast=False), ("255.255.255.255", 67))
+    return {"sent": count}
 
 
 def options(data: bytes) -> dict[int, bytes]:
@@ -116,6 +126,8 @@ if __name__ == "__main__":
     command = sys.argv[1]
     if command == "flood":
         result: object = flood(sys.argv[2], float(sys.argv[3]))
+    elif command == "burst":
+        result = burst(sys.argv[2], int(sys.argv[3]))
     else:
         result = dora(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     print(json.dumps(result))

@@ -79,3 +79,31 @@ pools:
     print(shed, forgotten)
     assert shed and float(shed[0].split()[-1]) > 0
     assert forgotten and float(forgotten[0].split()[-1]) > 0
+
+
+def test_a_burst_of_fake_machines_starves_the_catch_all_range_only_briefly(
+        dhcp_lab: DhcpLab) -> None:
+    """Issue 16, finding 2: offers were held 60 s, so 50 DISCOVERs a minute from random
+    MACs kept a 50-address range exhausted, silently. Now a burst holds it 15 s, the
+    exhaustion is logged once and counted, and then a real machine gets its address."""
+    lab = dhcp_lab
+    daemon = lab.bootd("""\
+pools:
+  - name: any
+    dynamic: {range: 10.77.0.100-10.77.0.109}
+""")
+    lab.lab.run(lab.client_ns, [sys.executable, str(FLOOD), "burst", "cli0", "10"])
+    started = time.monotonic()
+    lab.set_client_mac("52:54:00:00:00:99")
+    assert lab.udhcpc(tries=2) is None  # all ten addresses are held for the burst
+    metrics = lab.lab.run(lab.server_ns, [
+        "curl", "-sS", "--unix-socket", str(lab.tmp / "state" / "api.sock"),
+        "http://bootd/metrics"], timeout=30).stdout
+    assert 'bootd_dhcp_packets_total{outcome="exhausted"}' in metrics
+    exhausted = [line for line in metrics.splitlines()
+                 if line.startswith('bootd_dhcp_packets_total{outcome="exhausted"}')]
+    assert float(exhausted[0].split()[-1]) >= 1
+    assert daemon.log.read_text().count('"dhcp exhausted"') == 1
+    time.sleep(max(0.0, 15.5 - (time.monotonic() - started)))
+    got = lab.udhcpc()
+    assert got is not None and got["ip"].startswith("10.77.0.10")
