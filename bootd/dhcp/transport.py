@@ -71,7 +71,10 @@ def add_arp_entry(sock: socket.socket, interface: str, ip: IPv4Address, mac: byt
 
 
 DRAIN_LIMIT = 2048  # datagrams read per wakeup, at most
-UNKNOWN_PER_WAKEUP = 64  # datagrams of unknown machines answered per wakeup, at most
+# Datagrams of unknown machines answered per wakeup, at most. Measured with a random-MAC
+# flood on the test link: at 64 the reserved client completed 53-96 % of its exchanges
+# (reading fell behind at 130,000 datagrams/s), at 16 99-100 % at 120,000/s.
+UNKNOWN_PER_WAKEUP = 16
 
 
 class Service(Protocol):
