@@ -76,7 +76,10 @@ def start(server: str, lab: NetLab, ns: str, tmp: Path, root: Path) -> subproces
         config = tmp / "bootd.yaml"
         config.write_text(
             f"server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {tmp / 'st'}}}\n"
-            f"network: {{subnet: 10.79.0.0/24}}\ntftp: {{root: {root}}}\n")
+            # every client of the bench shares one address: no per-address cap, as the
+            # incumbents have none
+            f"network: {{subnet: 10.79.0.0/24}}\n"
+            f"tftp: {{root: {root}, max_transfers_per_client: 100000}}\n")
         cmd = [sys.executable, "-m", "bootd", "serve", "-c", str(config), "--log-format", "json"]
     elif server == "tftpd-hpa":
         cmd = [str(find_in_tftpd()), "--foreground", "--listen", "--address",

@@ -20,6 +20,13 @@ pytestmark = pytest.mark.netns
 
 FLOOD = Path(__file__).with_name("dhcp_flood.py")
 RESERVED = "02:00:00:00:00:01"
+ONE_NODE_AND_A_RANGE = """\
+pools:
+  - name: w
+    nodes: [{name: booty, mac: "02:00:00:00:00:01", ip: 10.77.0.2}]
+  - name: any
+    dynamic: {range: 10.77.0.100-10.77.0.149}
+"""
 
 
 def rss_mib(pid: int) -> float:
@@ -32,13 +39,7 @@ def rss_mib(pid: int) -> float:
 def test_a_reserved_node_is_served_through_a_random_mac_flood(dhcp_lab: DhcpLab) -> None:
     lab = dhcp_lab
     lab.set_client_mac(RESERVED)
-    daemon = lab.bootd("""\
-pools:
-  - name: w
-    nodes: [{name: booty, mac: "02:00:00:00:00:01", ip: 10.77.0.2}]
-  - name: any
-    dynamic: {range: 10.77.0.100-10.77.0.149}
-""")
+    daemon = lab.bootd(ONE_NODE_AND_A_RANGE)
     assert daemon.proc is not None
     before = rss_mib(daemon.proc.pid)
     flood = subprocess.Popen(["ip", "netns", "exec", lab.client_ns, sys.executable,

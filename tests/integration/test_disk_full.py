@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import DhcpLab
+from tests.integration.test_dhcp_flood import ONE_NODE_AND_A_RANGE
 
 pytestmark = pytest.mark.netns
 
@@ -37,13 +38,7 @@ def test_a_full_disk_withholds_leases_cleanly_and_recovers(dhcp_lab: DhcpLab) ->
     state.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], check=True)
     try:
-        daemon = lab.bootd("""\
-pools:
-  - name: w
-    nodes: [{name: booty, mac: "02:00:00:00:00:01", ip: 10.77.0.2}]
-  - name: any
-    dynamic: {range: 10.77.0.100-10.77.0.149}
-""")
+        daemon = lab.bootd(ONE_NODE_AND_A_RANGE)
         filler = fill(state)
         lab.set_client_mac(STRANGER)
         assert lab.udhcpc(tries=4) is None  # an address the store cannot keep: withheld

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.netns
 URL = f"http://{SERVER_IP}:8080"
 
 
-def setup(lab: DhcpLab) -> None:
+def setup(lab: DhcpLab, api: str | None = None) -> None:
+    """A node booty to boot and an idle one, in pool w; `api`: the admin listener."""
     img = lab.tmp / "img"
     img.mkdir()
     for name in ("vmlinuz", "initrd.img", "rootfs"):
@@ -39,7 +40,7 @@ pools:
     nodes:
       - {{name: booty, mac: "02:00:00:00:00:01", ip: 10.77.0.2}}
       - {{name: idle, mac: "02:00:00:00:00:07", ip: 10.77.0.7}}
-""")
+""", api=api)
 
 
 def status(lab: DhcpLab, *args: str) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ node step by step (as firmware, iPXE, kernel, initramfs and join.sh would)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from bootd.ops.text import printable
 from bootd.state.store import Store
 from tests.browser import Browser, available, not_blank, save_artifact
 from tests.integration.conftest import SERVER_IP, DhcpLab, require
+from tests.integration.test_status import setup
 
 pytestmark = pytest.mark.netns
 
@@ -30,27 +30,7 @@ HOSTILE = '<script>document.title="owned"</script><b>bold</b>\x1b[2J\x1b]0;pwned
 
 
 def start(lab: DhcpLab, api: str | None = API) -> None:
-    img = lab.tmp / "img"
-    img.mkdir()
-    for name in ("vmlinuz", "initrd.img", "rootfs"):
-        (img / name).write_bytes(os.urandom(256 << 10))
-    (lab.tmp / "tftp").mkdir()
-    (lab.tmp / "tftp" / "undionly.kpxe").write_bytes(os.urandom(70_000))
-    lab.bootd(f"""\
-images:
-  k8s: {{kernel: {img}/vmlinuz, initrd: {img}/initrd.img, rootfs: {img}/rootfs}}
-clusters:
-  prod: {{api_server: "https://10.77.0.10:6443", ca_cert_hash: "sha256:{'c' * 64}",
-          token: {{value: abcdef.0123456789abcdef}}}}
-defaults: {{image: k8s, cluster: prod}}
-tftp: {{root: {lab.tmp / 'tftp'}}}
-events: {{stall_after: 1h}}
-pools:
-  - name: workers
-    nodes:
-      - {{name: booty, mac: "02:00:00:00:00:01", ip: 10.77.0.2}}
-      - {{name: idle, mac: "02:00:00:00:00:07", ip: 10.77.0.7}}
-""", api=api)
+    setup(lab, api)  # booty and idle in pool w, as the `bootd status` tests have them
 
 
 def browser(lab: DhcpLab) -> Browser:
@@ -109,7 +89,7 @@ def test_page_follows_a_boot_live_and_shows_node_text_as_text(dhcp_lab: DhcpLab)
         report(lab, "kubeadm", "joining")
         report(lab, "joined", "joined 10.77.0.10:6443")
         b.wait_for(f"{cell('booty')} === 'c s-joined'", timeout=5)
-        b.wait_for("document.querySelector('#boot-times figure.hist[data-pool=workers]')",
+        b.wait_for("document.querySelector('#boot-times figure.hist[data-pool=w]')",
                    timeout=10)  # the histogram of this storm, refreshed after the join
         assert b.eval("[...document.querySelectorAll('#legend li')]"
                       ".map(li => li.textContent.trim())") == ["1 never-seen", "1 joined"]
