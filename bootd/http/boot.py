@@ -122,10 +122,13 @@ def _event(request: web.Request, stage: str, node: NodeProfile | None, mac: str 
     recorder = request.app[RECORDER]
     if recorder is None or (node is None and mac is None):
         return
+    # a MAC in a URL is anyone's to invent: refusals of unknown or catch-all machines are
+    # remembered boundedly (a node with a history stays, see bootd.state.recorder)
     recorder.record(BootEvent(
         time.time(), stage, node.name if node else None, mac, request.remote,
         node.pool if node else None, outcome,
-        MappingProxyType({k: v for k, v in detail.items() if v is not None})))
+        MappingProxyType({k: v for k, v in detail.items() if v is not None})),
+        transient=node is None or (node.dynamic and stage == events.REFUSED))
 
 
 def _client_ip(request: web.BaseRequest) -> IPv4Address | None:

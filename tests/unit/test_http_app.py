@@ -463,3 +463,20 @@ async def test_tokens_glued_to_other_characters_are_scrubbed(tree: Path) -> None
         assert logged[-2:] == ["tokx<token>_", "--token=<token>"]
     finally:
         await client.close()
+
+
+async def test_requests_naming_unknown_macs_are_remembered_boundedly(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """URLs can name any MAC: the refusals they earn must not grow the node list."""
+    from bootd.state import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "MAX_TRANSIENT", 5)
+    recorder = Recorder(None, EventPolicy(600, 3))
+    client = await client_for(boot_of(context(tree), recorder))
+    try:
+        for i in range(20):
+            resp = await client.get(f"/nodes/02:ee:00:00:00:{i:02x}/join.sh")
+            assert resp.status == 403
+        assert len(recorder.states()) == 5
+    finally:
+        await client.close()
