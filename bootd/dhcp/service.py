@@ -106,7 +106,7 @@ class DhcpService:
         it of every datagram of a flood, to answer these first."""
         if len(data) < 34 or data[2] != 6:
             return False
-        return self.context().directory.is_known_mac(data[28:34].hex(":"))
+        return self.context().directory.is_known_raw(data[28:34])
 
     def shed(self, count: int) -> None:
         """Datagrams of unknown machines the transport dropped under load, unanswered."""

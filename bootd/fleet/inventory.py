@@ -197,6 +197,10 @@ class Inventory:
         self._by_name = {n.name: n for n in nodes}
         self._dynamic_cache: dict[str, NodeProfile] = {}
 
+    def reserved_macs(self) -> Iterable[str]:
+        """Every configured MAC (canonical form)."""
+        return self._by_mac.keys()
+
     def reserved(self, mac: str) -> NodeProfile | None:
         """The configured node owning this (canonical) MAC, if any."""
         return self._by_mac.get(mac)

@@ -254,6 +254,14 @@ class RangeLeases:
     def __len__(self) -> int:
         return sum(len(t) for _, t in self.tables)
 
+    def is_bound(self, mac: str) -> bool:
+        """Does the client hold a bound lease in any range?"""
+        for _, table in self.tables:
+            lease = table.lookup(mac)
+            if lease is not None and lease.state is LeaseState.BOUND:
+                return True
+        return False
+
     def lookup(self, mac: str) -> Lease | None:
         """The client's latest lease in any range (the one that expires last)."""
         found = [lease for _, t in self.tables if (lease := t.lookup(mac)) is not None]
