@@ -119,19 +119,30 @@ async def _admin_request(api: str, method: str, path: str,
         return resp.status, await resp.text()
 
 
+def _ask_daemon(command: str, api: str, method: str, path: str,
+                body: object | None = None) -> tuple[int, str] | None:
+    """One admin request on behalf of `bootd COMMAND`: (status, text), or None after
+    saying on stderr that the daemon cannot be reached."""
+    import aiohttp
+
+    try:
+        return asyncio.run(_admin_request(api, method, path, body))
+    except (aiohttp.ClientError, OSError) as exc:
+        print(f"bootd {command}: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     """Let catch-all machines of a `join: approve` pool join (they wait until then)."""
     if bool(args.nodes) == bool(args.all):
         print("bootd approve: name nodes, or --all (every node awaiting now)",
               file=sys.stderr)
         return 2
-    api = _api_path(args)
     body = {"all": True} if args.all else {"nodes": args.nodes}
-    try:
-        status, text = asyncio.run(_admin_request(api, "POST", "/api/v1/approve", body))
-    except OSError as exc:
-        print(f"bootd approve: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
+    answer = _ask_daemon("approve", _api_path(args), "POST", "/api/v1/approve", body)
+    if answer is None:
         return 1
+    status, text = answer
     if status != 200:
         print(f"bootd approve: {text.strip()}", file=sys.stderr)
         return 1
@@ -160,13 +171,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.pool not in {p.name for p in config.pools} or args.pool == catch_all.name:
         return fail(f"{args.pool!r} is not a pool of reserved nodes in {args.config}")
     api = _api_path(args)
-    try:
-        code, body = asyncio.run(_admin_request(
-            api, "GET", f"/api/v1/status/{urllib.parse.quote(args.node, safe='')}"))
-        approvals_code, approvals = asyncio.run(_admin_request(api, "GET",
-                                                               "/api/v1/approvals"))
-    except OSError as exc:
-        return fail(f"cannot reach the daemon at {api}: {exc}")
+    found = _ask_daemon("promote", api, "GET",
+                        f"/api/v1/status/{urllib.parse.quote(args.node, safe='')}")
+    listed = _ask_daemon("promote", api, "GET", "/api/v1/approvals") if found else None
+    if found is None or listed is None:
+        return 1
+    (code, body), (approvals_code, approvals) = found, listed
     if code != 200:
         return fail(f"no catch-all node {args.node!r} has booted ({body.strip()})")
     row = json.loads(body)
@@ -191,25 +201,20 @@ def cmd_promote(args: argparse.Namespace) -> int:
         return fail(f"not promoted: the config would not be valid ({target} removed)")
     print(f"{args.node} ({row['mac']}) is now {args.name} in pool {args.pool}, ip {args.ip}: "
           f"{target}")
-    try:
-        status, text = asyncio.run(_admin_request(api, "POST", "/api/v1/reload"))
-    except OSError as exc:
-        return fail(f"written, but the daemon could not reload: {exc}")
-    if status != 200:
-        return fail(f"written, but the reload failed: {text.strip()[:300]}")
+    reloaded = _ask_daemon("promote", api, "POST", "/api/v1/reload")
+    if reloaded is None:
+        return fail("written, but not loaded: `bootd reload` once the daemon answers")
+    if reloaded[0] != 200:
+        return fail(f"written, but the reload failed: {reloaded[1].strip()[:300]}")
     print("the daemon reloaded: the node boots as reserved from its next DHCP request")
     return 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    import aiohttp
-
-    api = _api_path(args)
-    try:
-        status, body = asyncio.run(_admin_request(api, "POST", "/api/v1/reload"))
-    except (aiohttp.ClientError, OSError) as exc:
-        print(f"bootd reload: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
+    answer = _ask_daemon("reload", _api_path(args), "POST", "/api/v1/reload")
+    if answer is None:
         return 2
+    status, body = answer
     try:
         result = json.loads(body)
     except ValueError:
@@ -295,13 +300,12 @@ def cmd_status_web(args: argparse.Namespace) -> int:
         print(f"bootd status page: http://{api}/")
         print(_laptop_hint(api, int(api.rpartition(":")[2])))
         return 0
-    try:
-        code, _ = asyncio.run(_admin_request(api, "GET", "/healthz"))
-    except OSError as exc:
-        print(f"bootd status --web: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
+    health = _ask_daemon("status --web", api, "GET", "/healthz")
+    if health is None:
         return 1
-    if code != 200:
-        print(f"bootd status --web: the daemon at {api} answered {code}", file=sys.stderr)
+    if health[0] != 200:
+        print(f"bootd status --web: the daemon at {api} answered {health[0]}",
+              file=sys.stderr)
         return 1
     host, _, port_text = args.listen.rpartition(":")
 

@@ -137,8 +137,12 @@ class TokenProvider:
         return self._token
 
     async def token_for(self, node: str, mac: str, ip: str, attempt: int,
-                        catch_all: bool) -> str:
-        """A per-node token for this node's boot attempt (rules 1-3), or TokenRefused."""
+                        catch_all: bool) -> str | None:
+        """The token this node's boot attempt gets: its own minted one (rules 1-3;
+        TokenRefused if none can be had now), else the cluster's shared one (None while
+        there is none yet)."""
+        if not self.config.per_node:
+            return self.token()
         lock = self._minting.setdefault(node, asyncio.Lock())
         async with lock:  # two requests of one node mint one token
             now = time.time()
@@ -163,7 +167,8 @@ class TokenProvider:
             return token
 
     def finish(self, node: str, why: str) -> None:
-        """The node is done with its token (it reported joined or failed)."""
+        """The node is done with its token (it reported joined or failed): a minted one
+        is revoked; a shared token has nothing to finish."""
         minted = self.minted.finish(node)
         if minted is not None:
             self._revoke_later(minted, why)

@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -50,6 +51,7 @@ RELOAD = web.AppKey[Reload | None]("reload")
 APPROVALS = web.AppKey[Approvals | None]("approvals")
 
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 
 def _node_json(node: NodeProfile, directory: NodeDirectory) -> dict[str, object]:
@@ -77,11 +79,12 @@ def _all_nodes(directory: NodeDirectory) -> list[dict[str, object]]:
     return out
 
 
-def _recorder(request: web.Request) -> Recorder:
-    recorder = request.app[RECORDER]
-    if recorder is None:
-        raise web.HTTPNotImplemented(text="bootd: no event recorder in this process\n")
-    return recorder
+def _wired(request: web.Request, key: web.AppKey[T | None], what: str) -> T:
+    """A part the daemon wires in (tests and tools may leave it out): 501 without it."""
+    part = request.app[key]
+    if part is None:
+        raise web.HTTPNotImplemented(text=f"bootd: {what} is not wired in this process\n")
+    return part
 
 
 @routes.get("/healthz")
@@ -134,7 +137,8 @@ async def tokens_status(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Every node seen or configured: where it is in its boot (see `bootd status`)."""
     directory = request.app[SETTINGS].get().directory
-    response = web.json_response(_recorder(request).status_document(
+    recorder = _wired(request, RECORDER, "the event recorder")
+    response = web.json_response(recorder.status_document(
         directory.nodes, directory.inventory.network_name))
     response.enable_compression()  # 5,000 nodes: 1.7 MB, ~0.2 MB gzipped (`ssh -L`)
     return response
@@ -142,10 +146,8 @@ async def status(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/status/{node}")
 async def status_detail(request: web.Request) -> web.Response:
-    recorder = _recorder(request)
+    recorder = _wired(request, RECORDER, "the event recorder")
     wanted = request.match_info["node"]
-    with contextlib.suppress(ValueError):
-        wanted = normalize_mac(wanted)
     state = recorder.find(wanted)
     if state is None:
         raise web.HTTPNotFound(text=f"bootd: no boot events for {wanted!r}\n")
@@ -158,17 +160,10 @@ async def status_detail(request: web.Request) -> web.Response:
                               "network": network})
 
 
-def _approvals(request: web.Request) -> Approvals:
-    approvals = request.app[APPROVALS]
-    if approvals is None:
-        raise web.HTTPNotImplemented(text="bootd: no approvals in this process\n")
-    return approvals
-
-
 @routes.get("/api/v1/approvals")
 async def approvals_status(request: web.Request) -> web.Response:
     """Catch-all nodes awaiting an operator (with when they last asked), and approved."""
-    approvals = _approvals(request)
+    approvals = _wired(request, APPROVALS, "approval")
     return web.json_response({"awaiting": dict(approvals.awaiting),
                               "approved": sorted(approvals.approved)})
 
@@ -176,7 +171,7 @@ async def approvals_status(request: web.Request) -> web.Response:
 @routes.post("/api/v1/approve")
 async def approve(request: web.Request) -> web.Response:
     """{"nodes": [NAME, ...]} or {"all": true}: every node awaiting now."""
-    approvals = _approvals(request)
+    approvals = _wired(request, APPROVALS, "approval")
     try:
         body = await request.json()
         nodes = [str(n) for n in body.get("nodes", [])]
@@ -196,10 +191,7 @@ async def approve(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/reload")
 async def reload_config(request: web.Request) -> web.Response:
-    reload = request.app[RELOAD]
-    if reload is None:
-        raise web.HTTPNotImplemented(text="bootd: reload is not wired in this process\n")
-    result = reload()
+    result = _wired(request, RELOAD, "reload")()
     return web.json_response({"ok": result.ok, "errors": result.errors,
                               "restart_required": result.restart_required},
                              status=200 if result.ok else 422)

@@ -370,22 +370,19 @@ async def _secret_material(request: web.Request, mac: str, what: str,
     token = None
     if cluster is not None and node.cluster is not None:
         provider = settings.tokens.get(node.cluster)
-        if provider is not None and provider.config.per_node:
-            recorder = request.app[RECORDER]
-            state = recorder.state(node.name) if recorder is not None else None
-            try:
-                # (no events yet: this request's own event begins attempt 1)
-                token = await provider.token_for(node.name, mac, str(client),
-                                                 state.attempts if state else 1,
-                                                 catch_all=node.dynamic)
-            except TokenRefused as exc:
-                log.warning(f"http {what} token refused", **_node_fields(node, mac),
-                            reason=str(exc))
-                raise web.HTTPServiceUnavailable(
-                    text=f"bootd: no join token for this node now: {exc}\n",
-                    headers={"Retry-After": "60"}) from None
-        else:
-            token = provider.token() if provider is not None else None
+        recorder = request.app[RECORDER]
+        state = recorder.state(node.name) if recorder is not None else None
+        try:
+            # (no events yet: this request's own event begins attempt 1)
+            token = None if provider is None else await provider.token_for(
+                node.name, mac, str(client), state.attempts if state else 1,
+                catch_all=node.dynamic)
+        except TokenRefused as exc:
+            log.warning(f"http {what} token refused", **_node_fields(node, mac),
+                        reason=str(exc))
+            raise web.HTTPServiceUnavailable(
+                text=f"bootd: no join token for this node now: {exc}\n",
+                headers={"Retry-After": "60"}) from None
         if token is None:
             log.error(f"http {what} no-token", **_node_fields(node, mac))
             raise web.HTTPServiceUnavailable(
@@ -490,7 +487,7 @@ async def node_event(request: web.Request) -> web.Response:
            reported_stage=stage if known != stage else None)
     if known in events.FINISHED and found.node.cluster is not None:
         provider = _settings(request).tokens.get(found.node.cluster)
-        if provider is not None and provider.config.per_node:
+        if provider is not None:
             provider.finish(found.node.name, f"the node reported {known}")
     return web.Response(status=204)
 

@@ -294,8 +294,6 @@ async def boot_times(request: web.Request) -> web.Response:
 
 
 def _find(recorder: Recorder, wanted: str) -> NodeState:
-    with contextlib.suppress(ValueError):  # a MAC in any spelling
-        wanted = normalize_mac(wanted)
     state = recorder.find(wanted)
     if state is None:
         raise web.HTTPNotFound(text=f"bootd: no boot events for {printable(wanted)!r}\n")

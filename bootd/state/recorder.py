@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from bootd.fleet.inventory import NodeProfile
+from bootd.fleet.mac import normalize_mac
 from bootd.ops.metrics import Metrics
 from bootd.state.events import (
     DHCP_DISCOVER,
@@ -269,8 +270,12 @@ class Recorder:
         return {"now": self.clock(), "version": self.version, "nodes": nodes}
 
     def find(self, wanted: str) -> NodeState | None:
-        """By node name, MAC or IP."""
+        """By node name, MAC (in any spelling) or IP."""
         state = self.state(wanted)
         if state is not None:
             return state
+        with contextlib.suppress(ValueError):
+            wanted = normalize_mac(wanted)  # an unknown machine's key is its MAC
+            if (state := self.state(wanted)) is not None:
+                return state
         return next((s for s in self.states() if wanted in (s.mac, s.ip, s.name)), None)
