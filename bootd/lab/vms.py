@@ -53,9 +53,12 @@ def build_test_image() -> Path:
 
 class VmLab:
     """bootd serving with `config`, and VMs on taps: on one bridge beside bootd (br0,
-    `server_cidr` on it), or on the rack bridges of a routed lab (`racks`)."""
+    `server_cidr` on it), or on the rack bridges of a routed lab (`racks`).
 
-    def __init__(self, lab: NetLab, tmp: Path, config: str, server_cidr: str = "",
+    With `config` None the lab starts no bootd: the caller runs one in `ns` its own way (a
+    container) and sets `status_command` to how `bootd status` is asked there."""
+
+    def __init__(self, lab: NetLab, tmp: Path, config: str | None, server_cidr: str = "",
                  *, racks: Racks | None = None) -> None:
         self.lab, self.tmp = lab, tmp
         if racks is None:
@@ -65,9 +68,12 @@ class VmLab:
         else:  # bootd in the server namespace, VMs on the router's rack bridges
             self.ns, self.vm_ns = racks.srv, racks.rtr
         self.config = tmp / "bootd.yaml"
-        self.config.write_text(config)
         self.log = tmp / "bootd.log"
-        self.bootd = lab.start_bootd(self.ns, self.config, self.log)
+        self.status_command = [sys.executable, "-m", "bootd", "status", "-c", str(self.config)]
+        self.bootd: subprocess.Popen[bytes] | None = None
+        if config is not None:
+            self.config.write_text(config)
+            self.bootd = lab.start_bootd(self.ns, self.config, self.log)
         self.vms: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
     def start_vm(self, mac: str, *, uefi: bool = False, memory_mib: int = 512,
@@ -122,8 +128,7 @@ class VmLab:
         return {mac: self.outcome(mac, stages.get(mac)) for mac in self.vms}
 
     def status(self, node: str | None = None) -> dict[str, object]:
-        out = subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
-                              *([node] if node else []), "-o", "json"],
+        out = subprocess.run([*self.status_command, *([node] if node else []), "-o", "json"],
                              capture_output=True, text=True, timeout=60, check=False)
         if out.returncode != 0:
             raise RuntimeError(out.stderr)
@@ -140,6 +145,6 @@ class VmLab:
         return nodes
 
     def status_text(self, node: str | None = None) -> str:
-        return subprocess.run([sys.executable, "-m", "bootd", "status", "-c", str(self.config),
-                               *([node] if node else [])], capture_output=True, text=True,
+        return subprocess.run([*self.status_command, *([node] if node else [])],
+                              capture_output=True, text=True,
                               timeout=60, check=False).stdout
