@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +104,32 @@ def test_image_holds_bootd_and_the_boot_binaries_and_nothing_to_build_with(image
     system = run_in_image(image, "/opt/bootd/bin/python3", "-c",
                           "import os; print(os.listxattr('/usr/bin/python3.11'))")
     assert "security.capability" not in system
+
+
+# sha256 of every file of a bootd package tree but its bytecode, by relative path
+TREE_DIGEST = """
+import hashlib, json, os, sys
+root = sys.argv[1]
+out = {}
+for top, dirs, files in os.walk(root):
+    dirs[:] = [d for d in dirs if d != "__pycache__"]
+    for name in files:
+        path = os.path.join(top, name)
+        with open(path, "rb") as f:
+            out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_image_holds_this_checkouts_bootd(image: str) -> None:
+    """A rebuild after a source edit must not keep the old bootd (a layer cache keyed on
+    anything but the source's content would)."""
+    inside = json.loads(run_in_image(image, "/opt/bootd/bin/python3", "-c", TREE_DIGEST,
+                                     "/opt/bootd/lib/python3.11/site-packages/bootd"))
+    here = json.loads(subprocess.run([sys.executable, "-c", TREE_DIGEST, str(ROOT / "bootd")],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert {p for p in here if p.endswith(".py")} <= set(inside)
+    assert inside == {p: here.get(p) for p in inside}
 
 
 @pytest.fixture
