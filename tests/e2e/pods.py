@@ -20,7 +20,9 @@ Not a kubelet. Rules:
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -91,7 +93,8 @@ class Manifests:
     @property
     def container(self) -> Doc:
         (container,) = self.pod["containers"]
-        return container
+        found: Doc = container
+        return found
 
     def config_text(self, volume: str = "config") -> str:
         """The text of the ConfigMap key the main container mounts from `volume`."""
@@ -258,6 +261,23 @@ class PodRun:
     def exec(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return podman("exec", self.name, *cmd, timeout=timeout, check=False)
 
+    def host_path(self, container_path: str) -> Path | None:
+        """Where a path inside the main container is on the host, by its volume mounts
+        (None: in the image itself)."""
+        best: tuple[int, Path] | None = None
+        for mount in self.manifests.container.get("volumeMounts", []):
+            where = mount["mountPath"].rstrip("/")
+            if container_path == where or container_path.startswith(where + "/"):
+                source = self.volumes[mount["name"]] / mount.get("subPath", "")
+                rest = container_path[len(where):].lstrip("/")
+                if best is None or len(where) > best[0]:
+                    best = (len(where), source / rest if rest else source)
+        return None if best is None else best[1]
+
+    def pid(self) -> int:
+        """The main container's first process, as the host sees it."""
+        return int(podman("inspect", "--format", "{{.State.Pid}}", self.name).stdout)
+
     def remove(self) -> None:
         for name in self.started:
             podman("rm", "-f", "-t", "0", name, check=False)
@@ -303,6 +323,30 @@ class PodRun:
             time.sleep(0.2)
         raise AssertionError(f"{self.name} not ready at {url}; its log:\n"
                              + self.logs()[-3000:])
+
+
+def stage_host(root: Path, image: Path) -> Path:
+    """A host for the ConfigMap's bootd.yaml at `root`: the test image where the ConfigMap
+    points (/srv/bootd/images/k8s-node/...), an empty TFTP root (iPXE comes from the
+    image's /usr/lib/ipxe)."""
+    images = root / "srv/bootd/images/k8s-node"
+    images.mkdir(parents=True)
+    (root / "srv/bootd/tftp").mkdir()
+    for name in ("vmlinuz", "initrd.img", "rootfs.squashfs"):
+        shutil.copy(image / name, images / name)
+    return root
+
+
+def lab_config(manifests: Manifests) -> tuple[str, str, str]:
+    """The ConfigMap's bootd.yaml, changed only where the test image needs it, and the
+    boot network's interface and address in CIDR form, as the lab must make them."""
+    config = yaml.safe_load(manifests.config_text())
+    # The test image's rootfs carries no kernel module tree: the ConfigMap's modprobes
+    # (br_netfilter, overlay) would fail the join script. Nothing else is changed.
+    config["defaults"]["kernel_modules"] = []
+    (interface,) = config["server"]["interfaces"]
+    prefix = ipaddress.ip_network(config["network"]["subnet"]).prefixlen
+    return yaml.safe_dump(config), interface, f"{config['server']['address']}/{prefix}"
 
 
 def _bytes(quantity: str) -> str:

@@ -27,7 +27,7 @@ import yaml
 
 from bootd.lab.netlab import NetLab
 from bootd.lab.vms import VmLab, build_test_image, missing_for_vms
-from tests.e2e.pods import ROOT, Manifests, PodRun, podman, podman_env
+from tests.e2e.pods import ROOT, Manifests, PodRun, lab_config, podman, podman_env, stage_host
 from tests.e2e.vms import last_attempt_steps, wait_joined
 
 pytestmark = pytest.mark.netns
@@ -134,34 +134,12 @@ def test_image_holds_this_checkouts_bootd(image: str) -> None:
 
 @pytest.fixture
 def host(tmp_path: Path) -> Path:
-    """The host's side of the pod's hostPath volumes: the test image where the ConfigMap
-    points (/srv/bootd/images/k8s-node/...), an empty TFTP root (iPXE comes from the
-    image's /usr/lib/ipxe)."""
-    image = build_test_image()
-    root = tmp_path / "host"
-    images = root / "srv/bootd/images/k8s-node"
-    images.mkdir(parents=True)
-    (root / "srv/bootd/tftp").mkdir()
-    for name in ("vmlinuz", "initrd.img", "rootfs.squashfs"):
-        shutil.copy(image / name, images / name)
-    return root
-
-
-def lab_config() -> tuple[str, str, str]:
-    """The ConfigMap's bootd.yaml, changed only where the test image needs it, and the
-    boot network's interface and address in CIDR form, as the lab must make it."""
-    config = yaml.safe_load(MANIFESTS.config_text())
-    # The test image's rootfs carries no kernel module tree: the ConfigMap's modprobes
-    # (br_netfilter, overlay) would fail the join script. Nothing else is changed.
-    config["defaults"]["kernel_modules"] = []
-    (interface,) = config["server"]["interfaces"]
-    prefix = ipaddress.ip_network(config["network"]["subnet"]).prefixlen
-    return yaml.safe_dump(config), interface, f"{config['server']['address']}/{prefix}"
+    return stage_host(tmp_path / "host", build_test_image())
 
 
 @pytest.fixture
 def pod_lab(image: str, host: Path, tmp_path: Path) -> Iterator[tuple[VmLab, PodRun]]:
-    config, interface, cidr = lab_config()
+    config, interface, cidr = lab_config(MANIFESTS)
     assert interface == "br0"  # VmLab's bridge
     with NetLab("bdpod") as lab:
         vmlab = VmLab(lab, tmp_path, None, cidr)
@@ -230,7 +208,7 @@ def test_the_deployment_pxe_boots_a_vm_and_a_recreated_pod_keeps_its_state(
     code, took = pod.stop()
     assert code == 0, pod.logs()[-2000:]
     assert took < MANIFESTS.pod["terminationGracePeriodSeconds"]
-    assert '"bootd stopped"' in pod.logs()
+    assert '"bootd draining"' in pod.logs() and '"bootd stopped"' in pod.logs()
 
     # a new pod on the same host: the leases and the boot events are still there
     pod.start()

@@ -3,6 +3,7 @@ the tools their users run them with."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -92,3 +93,55 @@ def test_configmap_holds_a_valid_bootd_config() -> None:
     token = config.clusters["prod"].token.file
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
     assert token is not None and str(token.parent) in mounts
+
+
+def test_the_deployment_translates_to_podman_arguments(tmp_path: Path) -> None:
+    """tests/e2e/pods.py: what the container test runs is what the manifest says."""
+    from tests.e2e.pods import Manifests, PodRun
+
+    if os.geteuid() != 0:
+        pytest.skip("the Secret's files are given to group fsGroup as the kubelet does")
+    manifests = Manifests.load()
+    (tmp_path / "srv/bootd").mkdir(parents=True)  # the images hostPath (type Directory)
+    pod = PodRun(manifests, "localhost/bootd:test", "ns1", tmp_path)
+    args = pod.args(manifests.container, "bootd")
+    text = " ".join(args)
+    for expected in ("--network ns:/run/netns/ns1", "--user 10001:10001", "--group-add 10001",
+                     "--read-only --read-only-tmpfs=false", "--cap-drop=ALL",
+                     "--cap-add=NET_BIND_SERVICE", "--cap-add=NET_RAW", "--cap-add=NET_ADMIN",
+                     f"--memory {256 << 20}", "--stop-timeout 45",
+                     f"{tmp_path}/pod-volumes/config/bootd.yaml:/etc/bootd/bootd.yaml:ro",
+                     f"{tmp_path}/var/lib/bootd:/var/lib/bootd"):
+        assert expected in text, expected
+    assert "no-new-privileges" not in text  # file capabilities need privilege escalation
+    # the state hostPath is made as the kubelet makes it: root's, hence the init container
+    state = tmp_path / "var/lib/bootd"
+    assert state.stat().st_uid == 0 and state.stat().st_mode & 0o777 == 0o755
+    (init,) = manifests.pod["initContainers"]
+    init_args = " ".join(pod.args(init, "init"))
+    assert "--user 0:" in init_args and "--cap-add=CHOWN" in init_args
+    assert pod.command(init) == ["10001:10001", "/var/lib/bootd"]
+    # the Secret's token: group fsGroup, readable by the group only (kubelet's ownership)
+    token = tmp_path / "pod-volumes/join-token/token"
+    assert token.stat().st_gid == 10001 and token.stat().st_mode & 0o777 == 0o440
+    assert pod.host_path("/etc/bootd/secrets/token") == token
+    assert pod.host_path("/opt/bootd") is None
+
+
+def test_a_manifest_field_the_translation_does_not_know_fails(tmp_path: Path) -> None:
+    from tests.e2e.pods import Manifests, PodRun, UnsupportedField
+
+    if os.geteuid() != 0:
+        pytest.skip("the Secret's files are given to group fsGroup as the kubelet does")
+    manifests = Manifests.load()
+    (tmp_path / "srv/bootd").mkdir(parents=True)
+    pod = PodRun(manifests, "img", "ns1", tmp_path)
+    container = {**manifests.container, "env": [{"name": "X", "value": "1"}]}
+    with pytest.raises(UnsupportedField, match="env"):
+        pod.args(container, "bootd")
+    manifests.pod["hostPID"] = True
+    try:
+        with pytest.raises(UnsupportedField, match="hostPID"):
+            PodRun(manifests, "img", "ns1", tmp_path)
+    finally:
+        del manifests.pod["hostPID"]
