@@ -17,6 +17,8 @@ the flood's), then:
 2. Then at most UNKNOWN_PER_WAKEUP of the others, in arrival order; the rest are shed
    (counted by the service's `shed`), never queued: their clients retransmit, and a
    queue would only turn a flood into latency for everyone.
+   Both go to the service as one batch, so their lease changes are committed in one
+   transaction before any reply is sent (`bootd.dhcp.service`).
 3. A wakeup reads at most DRAIN_LIMIT datagrams, so other work (TFTP, HTTP, timers)
    runs between batches.
 Without a flood every wakeup finds a datagram or two, all answered.
@@ -29,6 +31,7 @@ import fcntl
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from ipaddress import IPv4Address
 from typing import Protocol
 
@@ -78,7 +81,8 @@ UNKNOWN_PER_WAKEUP = 16
 
 
 class Service(Protocol):
-    def handle(self, data: bytes, interface: str, now: float) -> Datagram | None: ...
+    def handle_batch(self, batch: Sequence[bytes], interface: str, now: float,
+                     ) -> list[Datagram]: ...
 
     def is_known(self, data: bytes) -> bool: ...
 
@@ -109,20 +113,16 @@ class DhcpEndpoint:
                 break
         if not received:
             return
-        now, is_known, others = time.time(), self.service.is_known, []
+        is_known = self.service.is_known
+        known: list[bytes] = []
+        others: list[bytes] = []
         for data in received:
-            if is_known(data):
-                self._answer(data, now)
-            else:
-                others.append(data)
-        for data in others[:UNKNOWN_PER_WAKEUP]:
-            self._answer(data, now)
+            (known if is_known(data) else others).append(data)
         if len(others) > UNKNOWN_PER_WAKEUP:
             self.service.shed(len(others) - UNKNOWN_PER_WAKEUP)
-
-    def _answer(self, data: bytes, now: float) -> None:
-        reply = self.service.handle(data, self.interface, now)
-        if reply is not None:
+            del others[UNKNOWN_PER_WAKEUP:]
+        # one batch: decided in this order, committed once, then every reply sent
+        for reply in self.service.handle_batch(known + others, self.interface, time.time()):
             self.send(reply)
 
     def close(self) -> None:

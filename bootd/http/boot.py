@@ -6,9 +6,15 @@ join scripts and cloud-init documents (only to the node's own address: they carr
 cluster token), and the stage reports nodes POST. The admin API is another app
 (`bootd.http.admin`) on another listener.
 
-Scripts are rendered in memory per request (aiohttp's FileResponse costs a thread hop per
-file: fine for a 500 MB rootfs, wasteful for 1 KiB of text); files stream with sendfile.
-Each request reads the current runtime snapshot once (`BootSettings`).
+Scripts are served from memory (aiohttp's FileResponse costs a thread hop per file: fine
+for a 500 MB rootfs, wasteful for 1 KiB of text); files stream with sendfile. Each request
+reads the current runtime snapshot once (`BootSettings`).
+
+A node's iPXE script is rendered once per snapshot and kept (`BootSettings.scripts`),
+keyed by everything it is made of that can differ within a snapshot: the node, its MAC,
+the URL the client reaches bootd by, and the rootfs hash (a rebuilt rootfs is a new
+key). A reload brings a new snapshot and with it an empty cache. Join scripts and
+cloud-init documents are not cached: they carry tokens minted or read per request.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from types import MappingProxyType
@@ -65,6 +71,7 @@ _STAGE = re.compile(r"[a-z][a-z0-9-]{0,31}")  # fullmatch: "failed\n" is not a s
 # a kubeadm bootstrap token, wherever it stands (also glued to other word characters)
 _TOKEN_LIKE = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}", re.IGNORECASE)
 _EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-0+\s*")  # "the last 0 bytes": unsatisfiable
+MAX_CACHED_SCRIPTS = 20_000  # per snapshot; the oldest goes first
 # the boot event an image part's fetch is recorded as
 PART_STAGES = MappingProxyType({"kernel": events.KERNEL, "initrd": events.INITRD,
                                 "rootfs": events.ROOTFS})
@@ -84,6 +91,19 @@ class BootSettings:
     grub: GrubConfigs
     ipxe_attempts: int
     ipxe_retry_interval: int
+    # rendered iPXE scripts of this snapshot, see the module's docstring
+    scripts: dict[tuple[str, str, str, str | None], str] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def node_script(self, node: NodeProfile, mac: str, image: ImageConfig, url: str,
+                    rootfs_sha: str | None) -> str:
+        key = (node.name, mac, url, rootfs_sha)
+        text = self.scripts.get(key)
+        if text is None:
+            if len(self.scripts) >= MAX_CACHED_SCRIPTS:  # made-up catch-all MACs: bounded
+                del self.scripts[next(iter(self.scripts))]
+            text = self.scripts[key] = ipxe_node(node, mac, image, url, rootfs_sha)
+        return text
 
     def domain_for(self, node: NodeProfile) -> str | None:
         """The DNS domain of the node's network (a catch-all node's: by its address)."""
@@ -211,7 +231,7 @@ async def _node_script(settings: BootSettings, mac: str, request: web.Request,
         rootfs_sha = await settings.hashes.sha256(version)
     log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
     _event(request, events.IPXE_SCRIPT, node, mac, image=node.image)
-    return web.Response(text=ipxe_node(node, mac, image, url, rootfs_sha),
+    return web.Response(text=settings.node_script(node, mac, image, url, rootfs_sha),
                         content_type="text/plain")
 
 

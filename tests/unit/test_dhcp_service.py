@@ -221,3 +221,71 @@ def test_a_failing_store_withholds_only_replies_that_need_it(tmp_path: Path) -> 
                       SERVER_ID=IPv4Address("10.0.0.1").packed)
     assert svc.handle(reserved, "br0", 0.2) is not None  # needs nothing written
     assert svc.context().directory.leases.pending() >= 1  # the stranger's, kept for later
+
+
+class CountingStore(Store):
+    """A real store that notes each lease transaction in `trail`."""
+
+    def __init__(self, path: Path, trail: list[str]) -> None:
+        super().__init__(path)
+        self.trail = trail
+
+    def apply_lease_changes(self, changes: object) -> None:
+        changes = list(changes)  # type: ignore[call-overload]
+        super().apply_lease_changes(changes)
+        self.trail.append(f"commit {len(changes)}")
+
+
+def test_a_batch_is_decided_in_order_committed_once_then_encoded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: one transaction for a wakeup's datagrams, and no reply encoded before
+    it has committed (the transport sends what handle_batch returns)."""
+    import bootd.dhcp.service as service_module
+
+    trail: list[str] = []
+    real_encode = service_module.encode
+
+    def noting_encode(*args: object, **kwargs: object) -> bytes:
+        trail.append("encode")
+        return real_encode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service_module, "encode", noting_encode)
+    ctx = context(CATCH_ALL)
+    svc = DhcpService(lambda: ctx, CountingStore(tmp_path / "s.sqlite3", trail), Metrics())
+    strangers = [f"52:54:00:00:04:0{i}" for i in range(5)]
+    offers = svc.handle_batch([packet(MessageType.DISCOVER, m) for m in strangers], "br0", 0.0)
+    addresses = [decode(o.payload).yiaddr for o in offers]
+    assert len(set(addresses)) == 5  # later decisions saw the earlier ones' offers
+    trail.clear()
+    requests = [packet(MessageType.REQUEST, m, REQUESTED_IP=ip.packed,
+                       SERVER_ID=IPv4Address("10.0.0.1").packed)
+                for m, ip in zip(strangers, addresses, strict=True)]
+    reserved = packet(MessageType.REQUEST, "02:00:00:00:00:01",
+                      REQUESTED_IP=IPv4Address("10.0.0.5").packed,
+                      SERVER_ID=IPv4Address("10.0.0.1").packed)
+    acks = svc.handle_batch([*requests[:2], reserved, b"junk", *requests[2:]], "br0", 1.0)
+    assert trail == ["commit 5"] + ["encode"] * 6
+    replies = [decode(a.payload) for a in acks]
+    assert all(r.message_type is MessageType.ACK for r in replies)
+    assert [r.yiaddr for r in replies] == [*addresses[:2], IPv4Address("10.0.0.5"),
+                                           *addresses[2:]]
+    on_disk = {lease.ip for lease in Store(tmp_path / "s.sqlite3").load_leases()}
+    assert on_disk == set(addresses)
+
+
+def test_a_failing_store_withholds_the_batch_replies_that_need_it(tmp_path: Path) -> None:
+    svc = service(tmp_path, CATCH_ALL)
+    strangers = ["52:54:00:00:05:01", "52:54:00:00:05:02"]
+    offers = svc.handle_batch([packet(MessageType.DISCOVER, m) for m in strangers], "br0", 0.0)
+    broken = Store(tmp_path / "b.sqlite3")
+    broken.close()
+    svc.store = broken
+    batch = [packet(MessageType.REQUEST, m, REQUESTED_IP=decode(o.payload).yiaddr.packed,
+                    SERVER_ID=IPv4Address("10.0.0.1").packed)
+             for m, o in zip(strangers, offers, strict=True)]
+    batch.insert(1, packet(MessageType.REQUEST, "02:00:00:00:00:01",
+                           REQUESTED_IP=IPv4Address("10.0.0.5").packed,
+                           SERVER_ID=IPv4Address("10.0.0.1").packed))
+    replies = svc.handle_batch(batch, "br0", 1.0)
+    assert [decode(r.payload).yiaddr for r in replies] == [IPv4Address("10.0.0.5")]
+    assert svc.context().directory.leases.pending() >= 2  # both kept for the next write

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 
 from bootd.dhcp import transport
 from bootd.dhcp.service import Datagram
@@ -13,11 +14,14 @@ from bootd.dhcp.service import Datagram
 class FakeService:
     def __init__(self) -> None:
         self.answered: list[bytes] = []
+        self.batches = 0
         self.shed_count = 0
 
-    def handle(self, data: bytes, interface: str, now: float) -> Datagram | None:
-        self.answered.append(data)
-        return None
+    def handle_batch(self, batch: Sequence[bytes], interface: str, now: float,
+                     ) -> list[Datagram]:
+        self.batches += 1
+        self.answered.extend(batch)
+        return []
 
     def is_known(self, data: bytes) -> bool:
         return data.startswith(b"known")
@@ -52,6 +56,7 @@ async def test_a_wakeup_answers_known_machines_first_and_sheds_the_excess() -> N
         assert service.answered[:3] == [b"known 10", b"known 150", b"known 299"]
         assert service.answered[3:] == [f"unknown {i}".encode() for i in range(budget)]
         assert service.shed_count == 300 - budget
+        assert service.batches == 1  # one wakeup, one batch: one store transaction
     finally:
         endpoint.close()
         sender.close()

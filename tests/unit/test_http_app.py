@@ -108,6 +108,53 @@ async def test_node_script(boot: TestClient[web.Request, web.Application], tree:
                 " && imgfree beacon ||\nboot vmlinuz") in text
 
 
+async def test_node_scripts_render_once_per_snapshot(tree: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's script is rendered once per runtime snapshot; a rebuilt rootfs (a new
+    hash) or a reload (a new snapshot) renders it again; made-up MACs cannot grow the
+    cache past its bound."""
+    import bootd.http.boot as boot_module
+
+    renders: list[str] = []
+
+    def counting(*args: object) -> str:
+        renders.append(str(args[1]))
+        return real(*args)  # type: ignore[arg-type]
+
+    real = boot_module.ipxe_node
+    monkeypatch.setattr(boot_module, "ipxe_node", counting)
+    url = "/nodes/02-00-00-00-00-01/boot.ipxe"
+    client = await client_for(boot_of(context(tree)))
+    try:
+        first = await (await client.get(url)).text()
+        for _ in range(3):
+            assert await (await client.get(url)).text() == first
+        assert renders == ["02:00:00:00:00:01"]
+        rootfs = tree / "img" / "rootfs"
+        new = tree / "img" / "rootfs.new"
+        new.write_bytes(os.urandom(1000))
+        new.replace(rootfs)
+        rebuilt = await (await client.get(url)).text()
+        assert hashlib.sha256(rootfs.read_bytes()).hexdigest() in rebuilt and rebuilt != first
+        assert len(renders) == 2
+        monkeypatch.setattr(boot_module, "MAX_CACHED_SCRIPTS", 3)
+        for i in range(5):  # catch-all machines
+            assert (await client.get(f"/nodes/02-00-00-00-0a-0{i}/boot.ipxe")).status == 200
+        settings = client.app[boot_module.SETTINGS].get()
+        assert len(settings.scripts) == 3
+    finally:
+        await client.close()
+    # a reload: a new snapshot renders from the new config
+    reloaded = context(tree, make_config(tree).replace("kernel_args: [quiet]",
+                                                       "kernel_args: [loud]"))
+    client = await client_for(boot_of(reloaded))
+    try:
+        text = await (await client.get(url)).text()
+        assert " loud " in text and " quiet " not in text
+    finally:
+        await client.close()
+
+
 async def test_unknown_mac_and_no_image_give_up(tree: Path) -> None:
     config = make_config(tree).split("  - name: any")[0]
     client = await client_for(boot_of(context(tree, config)))
