@@ -30,6 +30,7 @@ IP_UDP_HEADERS = 28
 _HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
 HEADER_LEN = _HEADER.size  # 236
 ZERO = IPv4Address(0)
+_ZERO_BYTES = bytes(4)
 
 
 class DhcpError(ValueError):
@@ -190,6 +191,11 @@ def _parse_options(data: bytes | memoryview, into: dict[int, bytes], where: str)
         i = end
 
 
+def _address(raw: bytes) -> IPv4Address:
+    # most header addresses of a request are 0.0.0.0: one shared object, no parsing
+    return ZERO if raw == _ZERO_BYTES else IPv4Address(raw)
+
+
 def _cstring(raw: bytes) -> bytes:
     nul = raw.find(b"\x00")
     return raw if nul < 0 else raw[:nul]
@@ -223,8 +229,8 @@ def decode(data: bytes) -> DhcpPacket:
             sname_used = True
     return DhcpPacket(
         op=op, htype=htype, hlen=hlen, hops=hops, xid=xid, secs=secs, flags=flags,
-        ciaddr=IPv4Address(ciaddr), yiaddr=IPv4Address(yiaddr), siaddr=IPv4Address(siaddr),
-        giaddr=IPv4Address(giaddr), chaddr=chaddr,
+        ciaddr=_address(ciaddr), yiaddr=_address(yiaddr), siaddr=_address(siaddr),
+        giaddr=_address(giaddr), chaddr=chaddr,
         sname=b"" if sname_used else _cstring(sname),
         file=b"" if file_used else _cstring(file),
         options=options,
@@ -236,8 +242,8 @@ def decode(data: bytes) -> DhcpPacket:
 
 def _option_chunks(code: int, value: bytes) -> bytes:
     """One option on the wire; values over 255 bytes are split per RFC 3396."""
-    if not value:
-        return bytes((code, 0))
+    if len(value) <= 255:  # nearly every option: one chunk
+        return bytes((code, len(value))) + value
     out = bytearray()
     for i in range(0, len(value), 255):
         part = value[i : i + 255]
@@ -260,11 +266,14 @@ def encode(packet: DhcpPacket, max_size: int = DHCP_MIN_MAX_SIZE) -> bytes:
 
     main = bytearray()
     spill: list[bytes] = []
-    for chunk in chunks:
-        if not spill and len(main) + len(chunk) <= body_room:
-            main += chunk
-        else:
-            spill.append(chunk)
+    if sum(map(len, chunks)) <= body_room:  # the usual reply: everything fits
+        main += b"".join(chunks)
+    else:
+        for chunk in chunks:
+            if not spill and len(main) + len(chunk) <= body_room:
+                main += chunk
+            else:
+                spill.append(chunk)
 
     file_field, sname_field = packet.file, packet.sname
     if spill:

@@ -34,7 +34,7 @@ def mac_from_bytes(raw: bytes) -> str:
     """Canonical text of a 6-byte hardware address."""
     if len(raw) != 6:
         raise ValueError(f"hardware address must be 6 bytes, got {len(raw)}")
-    return ":".join(f"{b:02x}" for b in raw)
+    return raw.hex(":")
 
 
 def mac_to_bytes(mac: str) -> bytes:

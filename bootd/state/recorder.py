@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Histogram
 
 from bootd.fleet.inventory import NodeProfile
 from bootd.fleet.mac import normalize_mac
@@ -78,6 +79,8 @@ class Recorder:
         self.policy = policy if callable(policy) else (lambda: policy)
         self.clock = clock
         self._nodes: dict[str, _History] = {}
+        self._event_counters: dict[tuple[str, str], Counter] = {}
+        self._stage_histograms: dict[str, Histogram] = {}
         # (event, attempt, version): the version tells events of a forgotten node from
         # those of its next visit
         self._pending: list[tuple[BootEvent, int, int]] = []
@@ -153,12 +156,19 @@ class Recorder:
         if self.metrics is not None:
             self.metrics.nodes_forgotten.inc()
 
-    @staticmethod
-    def _observe(metrics: Metrics, current: list[BootEvent], event: BootEvent) -> None:
-        metrics.boot_events.labels(event.stage, event.outcome).inc()
+    def _observe(self, metrics: Metrics, current: list[BootEvent], event: BootEvent) -> None:
+        # labelled children looked up once (labels() costs more than the increment); as
+        # bounded as the metrics' own label sets
+        key = (event.stage, event.outcome)
+        if (counter := self._event_counters.get(key)) is None:
+            counter = self._event_counters[key] = metrics.boot_events.labels(*key)
+        counter.inc()
         if current and event.stage != REFUSED:
             previous = current[-1]
-            metrics.stage_seconds.labels(previous.stage).observe(max(0.0, event.ts - previous.ts))
+            if (histogram := self._stage_histograms.get(previous.stage)) is None:
+                histogram = self._stage_histograms[previous.stage] = \
+                    metrics.stage_seconds.labels(previous.stage)
+            histogram.observe(max(0.0, event.ts - previous.ts))
             if event.stage == JOINED and not any(e.stage in FINISHED for e in current):
                 metrics.boot_seconds.observe(max(0.0, event.ts - current[0].ts))
 
