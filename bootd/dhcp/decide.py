@@ -68,6 +68,33 @@ class NetworkSettings:
     domain: str | None
     lease_time: float
     next_server: IPv4Address  # bootd's address as this network reaches it
+    # the options every OFFER/ACK on this network carries, made once per snapshot instead
+    # of per reply: `leased_head` (with lease times) or `informed_head` (the ACK to an
+    # INFORM), then the node's host name, then `tail`; the order they go on the wire
+    leased_head: Mapping[int, bytes] = field(init=False, repr=False, compare=False)
+    informed_head: Mapping[int, bytes] = field(init=False, repr=False, compare=False)
+    tail: Mapping[int, bytes] = field(init=False, repr=False, compare=False)
+    server_id: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lease = int(self.lease_time)
+        common: dict[int, bytes] = {Opt.SUBNET_MASK: self.subnet.netmask.packed}
+        if self.gateway is not None:
+            common[Opt.ROUTER] = self.gateway.packed
+        if self.dns:
+            common[Opt.DNS] = b"".join(a.packed for a in self.dns)
+        tail: dict[int, bytes] = {}
+        if self.domain:
+            tail[Opt.DOMAIN_NAME] = self.domain.encode()
+        tail[Opt.BROADCAST] = self.subnet.broadcast_address.packed
+        times = {Opt.LEASE_TIME: struct.pack("!I", lease),
+                 Opt.RENEWAL_TIME: struct.pack("!I", lease // 2),
+                 Opt.REBINDING_TIME: struct.pack("!I", lease * 7 // 8)}
+        set_ = object.__setattr__
+        set_(self, "leased_head", MappingProxyType({**times, **common}))
+        set_(self, "informed_head", MappingProxyType(common))
+        set_(self, "tail", MappingProxyType(tail))
+        set_(self, "server_id", self.next_server.packed)
 
 
 @dataclass(frozen=True)
@@ -304,12 +331,14 @@ _HANDLERS = {
 
 # ---------------------------------------------------------------------------- replies
 
+_MESSAGE_TYPES = {t: bytes((t,)) for t in MessageType}
+
 
 def _base_reply(req: DhcpPacket, mtype: MessageType, net: NetworkSettings) -> DhcpPacket:
     return DhcpPacket(
         op=BOOTREPLY, xid=req.xid, htype=req.htype, hlen=req.hlen, flags=req.flags,
         giaddr=req.giaddr, chaddr=req.chaddr,
-        options={Opt.MESSAGE_TYPE: bytes((mtype,)), Opt.SERVER_ID: net.next_server.packed},
+        options={Opt.MESSAGE_TYPE: _MESSAGE_TYPES[mtype], Opt.SERVER_ID: net.server_id},
     )
 
 
@@ -342,25 +371,14 @@ def _answer(req: DhcpPacket, mtype: MessageType, node: NodeProfile | None,
     Returns the reply, the boot program chosen and a note on why there is none."""
     reply = _base_reply(req, mtype, s)
     reply.siaddr = s.next_server
-    opts: dict[int, bytes] = {}
     if ip is not None:
         reply.yiaddr = ip
-        lease = int(s.lease_time)
-        opts[Opt.LEASE_TIME] = struct.pack("!I", lease)
-        opts[Opt.RENEWAL_TIME] = struct.pack("!I", lease // 2)
-        opts[Opt.REBINDING_TIME] = struct.pack("!I", lease * 7 // 8)
     else:
         reply.ciaddr = req.ciaddr
-    opts[Opt.SUBNET_MASK] = s.subnet.netmask.packed
-    if s.gateway is not None:
-        opts[Opt.ROUTER] = s.gateway.packed
-    if s.dns:
-        opts[Opt.DNS] = b"".join(a.packed for a in s.dns)
+    opts = dict(s.leased_head if ip is not None else s.informed_head)
     if node is not None:
         opts[Opt.HOSTNAME] = node.name.encode()
-    if s.domain:
-        opts[Opt.DOMAIN_NAME] = s.domain.encode()
-    opts[Opt.BROADCAST] = s.subnet.broadcast_address.packed
+    opts.update(s.tail)
 
     boot: BootAnswer | None = None
     note = ""
