@@ -4,6 +4,7 @@
     python bench/dhcp.py                      # as root: 250..4,000/s, 10 s each
     python bench/dhcp.py --rates 1000,4000 --seconds 10 --servers kea,bootd
     python bench/dhcp.py --relays 4           # relayed traffic from 4 rack subnets
+    python bench/dhcp.py --servers bootd --profile /tmp/prof   # where bootd's time goes
 
 For each server and rate it prints the achieved 4-way exchange rate, drops, median and p99
 DISCOVER->OFFER and REQUEST->ACK latency, and the server's CPU seconds, then ratios of
@@ -208,10 +209,17 @@ def parse_perfdhcp(out: str) -> tuple[float, int, int, list[float]]:
 
 
 def run_one(lab: NetLab, server: str, srv_ns: str, cli_ns: str, tmp: Path, rate: int,
-            seconds: int, clients: int, plan: Plan) -> Result:
+            seconds: int, clients: int, plan: Plan, profile: Path | None = None) -> Result:
     proc = STARTERS[server](lab, srv_ns, tmp, plan)
     pid = server_pid(proc)
     time.sleep(0.5)
+    spy = None
+    if profile is not None and server == "bootd":
+        # py-spy samples the running daemon from outside (no instrumentation to skew it)
+        spy = subprocess.Popen([py_spy(), "record", "--pid", str(pid), "--format", "raw",
+                                "--rate", "200", "--duration", str(seconds), "--nonblocking",
+                                "-o", str(profile / f"bootd-{rate}.txt")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cpu0 = cpu_seconds(pid)
     # one perfdhcp per relay, at the same time, each with its share of rate and clients
     legs = ([(ns, plan.server_address(n)) for n, ns in enumerate(plan.relay_namespaces, 1)]
@@ -224,6 +232,8 @@ def run_one(lab: NetLab, server: str, srv_ns: str, cli_ns: str, tmp: Path, rate:
         for i, (ns, target) in enumerate(legs)]
     outs = [run.communicate(timeout=seconds + 60)[0].decode() for run in runs]
     cpu = cpu_seconds(pid) - cpu0
+    if spy is not None:
+        spy.wait(timeout=60)
     lab.stop(proc)
     parsed = [parse_perfdhcp(out) for out in outs]
     achieved = sum(p[0] for p in parsed)
@@ -233,6 +243,57 @@ def run_one(lab: NetLab, server: str, srv_ns: str, cli_ns: str, tmp: Path, rate:
     median = statistics.median(delays) if delays else float("nan")
     p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))] if delays else float("nan")
     return Result(server, rate, achieved, sent, received, median, p99, cpu)
+
+
+def py_spy() -> str:
+    found = Path(sys.executable).with_name("py-spy")
+    if found.exists():
+        return str(found)
+    if (which := shutil.which("py-spy")) is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    return which
+
+
+# where a sample of bootd's DHCP path is counted: the first of these on its stack (leaf
+# first), else "other" (asyncio, TFTP/HTTP idle work, the event flusher, GC)
+BUCKETS = (("encode reply", "packet.py", "encode"), ("decode request", "packet.py", "decode"),
+           ("lease store commit", "service.py", "_persist"),
+           ("log lines", "service.py", "_log"), ("boot events", "service.py", "_record"),
+           ("metrics", "values.py", ""), ("decide", "decide.py", "decide"),
+           ("sendto + ARP", "transport.py", "send"),
+           ("event flush to SQLite", "recorder.py", "flush"),
+           ("read socket, sort", "transport.py", "_drain"))
+
+
+def print_profile(path: Path) -> None:
+    """Where bootd's samples went: by step of the data path, and the top leaf functions."""
+    steps: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        # a frame is "function (path/file.py:line)"
+        frames = [(f.split(" (")[0], f.rsplit("/", 1)[-1].split(":")[0])
+                  for f in stack.split(";")]
+        names = [f"{file}:{function}" for function, file in frames]
+        bucket = next((label for label, file, function in BUCKETS
+                       if any(fi == file and fu.endswith(function) for fu, fi in frames)),
+                      "other")
+        steps[bucket] = steps.get(bucket, 0) + count
+        leaves[names[-1]] = leaves.get(names[-1], 0) + count
+    if not total:
+        print(f"  (no samples in {path})")
+        return
+    print(f"  {path.name}: {total} samples")
+    for label, count in sorted(steps.items(), key=lambda kv: -kv[1]):
+        print(f"    {label:24} {100 * count / total:5.1f} %")
+    print("    top functions (self):")
+    for name, count in sorted(leaves.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"      {name:40} {100 * count / total:5.1f} %")
 
 
 def relay_setup(lab: NetLab, srv: str, plan: Plan) -> None:
@@ -278,6 +339,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10000,
                         help="distinct client MACs (default 10,000)")
     parser.add_argument("--servers", default="kea,dnsmasq,bootd")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="sample bootd with py-spy during its runs; the raw stacks go "
+                        "to DIR and a breakdown by step is printed")
     parser.add_argument("--relays", type=int, default=0,
                         help="spread exchanges over N relays (rack subnets; default 0: one "
                         "subnet, perfdhcp's own address as giaddr)")
@@ -305,7 +369,7 @@ def main() -> int:
         for rate in rates:
             for server in servers:
                 r = run_one(lab, server, srv, cli, tmp, rate, args.seconds, args.clients,
-                            plan)
+                            plan, args.profile)
                 results.append(r)
                 print(f"  {server:8} @ {rate:5}/s: {r.achieved:8.1f} exch/s, "
                       f"{r.drops} drops", flush=True)
@@ -325,6 +389,10 @@ def main() -> int:
     for other in ("kea", "dnsmasq"):
         if {"bootd", other} <= set(servers):
             print_ratios(results, "bootd", other, rates, args.seconds)
+    if args.profile is not None and "bootd" in servers:
+        print("\nbootd profile (py-spy, 200 samples/s, share of samples):")
+        for rate in rates:
+            print_profile(args.profile / f"bootd-{rate}.txt")
     return 0
 
 

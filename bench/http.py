@@ -5,8 +5,9 @@
 
 Per server: one stream of the rootfs, --streams concurrent streams of it (curl, to
 /dev/null), requests/s for a per-node iPXE script (wrk; nginx serves the same bytes as a
-static file, bootd renders it per request), and the server's peak RSS (VmHWM; nginx: master
-plus workers). Client and server share 2 cores: compare the ratios.
+static file, bootd renders it once per config load and records a boot event per
+request), and the server's peak RSS (VmHWM; nginx: master plus workers). Client and
+server share 2 cores: compare the ratios.
 """
 
 from __future__ import annotations

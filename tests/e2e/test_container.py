@@ -213,8 +213,8 @@ def test_the_deployment_pxe_boots_a_vm_and_a_recreated_pod_keeps_its_state(
     # a new pod on the same host: the leases and the boot events are still there
     pod.start()
     pod.wait_ready()
-    assert '"count": 1' in next(line for line in pod.logs().splitlines()
-                               if '"leases restored"' in line)
+    assert json.loads(next(line for line in pod.logs().splitlines()
+                           if '"leases restored"' in line))["count"] == 1
     again = vmlab.status(WORKER)
     assert again["stage"] == "joined"
     assert last_attempt_steps(again) == steps

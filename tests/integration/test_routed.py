@@ -9,6 +9,7 @@ adds option 82 with the receiving interface as circuit-id), and bootd one hop aw
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -124,7 +125,8 @@ def test_a_switch_port_identity_serves_any_mac(routed: RoutedLab) -> None:
         env = routed.udhcpc("rack2", mac)
         assert env is not None and env["ip"] == "10.61.2.17" and env["hostname"] == "r2n7"
     acks = routed.lines("dhcp ack")
-    assert '"mac": "52:54:00:61:02:02"' in acks[-1] and '"node": "r2n7"' in acks[-1]
+    last = json.loads(acks[-1])
+    assert last["mac"] == "52:54:00:61:02:02" and last["node"] == "r2n7"
     nodes = subprocess.run([sys.executable, "-m", "bootd", "status", "-c",
                             str(routed.tmp / "bootd.yaml"), "-o", "json"],
                            capture_output=True, text=True, timeout=60, check=True).stdout
@@ -187,4 +189,4 @@ def test_a_relay_in_no_declared_network_gets_no_reply_anywhere(routed: RoutedLab
     routed.lab.stop(tcpdump)
     assert replies(pcap) == []
     logged = routed.lines("dhcp unknown-relay")
-    assert len(logged) == 1 and '"relay": "10.99.0.1"' in logged[0]
+    assert len(logged) == 1 and json.loads(logged[0])["relay"] == "10.99.0.1"

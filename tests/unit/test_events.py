@@ -4,8 +4,11 @@ and its SQLite persistence with retention."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
+
+import pytest
 
 from bootd.state import events as ev
 from bootd.state.events import BootEvent, derive, split_attempts, starts_attempt
@@ -167,3 +170,51 @@ def test_recorder_metrics() -> None:
     assert reg.get_sample_value("bootd_boot_stage_seconds_count", {"stage": "tftp"}) == 1
     rec.update_gauges()
     assert reg.get_sample_value("bootd_nodes", {"stage": "joined"}) == 1
+
+
+async def test_the_flusher_writes_in_chunks_and_lets_the_loop_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storm's events go to the store in transactions of FLUSH_CHUNK, with the event
+    loop running between them; a node forgotten meanwhile is not revived by a later
+    chunk."""
+    import asyncio
+
+    import bootd.state.recorder as module
+
+    monkeypatch.setattr(module, "FLUSH_CHUNK", 4)
+    monkeypatch.setattr(module, "MAX_TRANSIENT", 1)
+    store = Store.in_state_dir(tmp_path)
+    sizes: list[int] = []
+    real = store.append_events
+
+    def noting(batch: list[tuple[ev.BootEvent, int]], keep: int, forget: object = ()) -> None:
+        sizes.append(len(batch))
+        real(batch, keep, forget)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "append_events", noting)
+    rec = Recorder(store, EventPolicy(STALL, 2))
+    for i in range(9):  # a known node: permanent
+        rec.record(e(i, ev.TFTP if i else ev.DHCP_DISCOVER))
+    stranger = ev.BootEvent(1, ev.DHCP_DISCOVER, None, "02:00:00:00:0a:01", None, None,
+                            "ok", MappingProxyType({}))
+    rec.record(stranger, transient=True)
+    rec.record(replace(stranger, mac="02:00:00:00:0a:02"), transient=True)  # forgets 0a:01
+    ticks = 0
+
+    async def other_work() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    worker = asyncio.ensure_future(other_work())
+    flusher = asyncio.ensure_future(rec.run_flusher(interval=0.01))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not rec._pending and sizes:
+            break
+    flusher.cancel()
+    worker.cancel()
+    assert sizes[:3] == [4, 4, 2] and ticks >= 3
+    keys = {event.key for event, _ in store.load_events()}
+    assert keys == {"n1", "02:00:00:00:0a:02"}
