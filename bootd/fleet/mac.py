@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 _HEX12 = re.compile(r"^[0-9a-f]{12}$")
@@ -9,6 +10,9 @@ _SEPARATED = re.compile(r"^[0-9a-f]{1,2}([:-])(?:[0-9a-f]{1,2}\1){4}[0-9a-f]{1,2
 _CISCO = re.compile(r"^[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}$")
 
 
+# Every request naming a node parses its MAC (a URL, an event, a status query): the
+# answers for the last few thousand spellings are kept (bounded: anyone may invent MACs).
+@functools.lru_cache(maxsize=4096)
 def normalize_mac(text: str) -> str:
     """Return the canonical `aa:bb:cc:dd:ee:ff` form, or raise ValueError.
 

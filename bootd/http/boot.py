@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import time
@@ -152,8 +153,13 @@ def _event(request: web.Request, stage: str, node: NodeProfile | None, mac: str 
 
 
 def _client_ip(request: web.BaseRequest) -> IPv4Address | None:
+    return _address(request.remote) if request.remote else None
+
+
+@functools.lru_cache(maxsize=4096)  # parsed per request; the boot LAN's clients repeat
+def _address(text: str) -> IPv4Address | None:
     try:
-        return IPv4Address(request.remote) if request.remote else None
+        return IPv4Address(text)
     except ValueError:
         return None
 
