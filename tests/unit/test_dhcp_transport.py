@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Sequence
+
+import pytest
 
 from bootd.dhcp import transport
 from bootd.dhcp.service import Datagram
@@ -75,6 +78,42 @@ async def test_a_quiet_socket_answers_everything() -> None:
             sender.sendto(f"unknown {i}".encode(), sock.getsockname())
             await asyncio.sleep(0.01)
         assert len(service.answered) == 5 and service.shed_count == 0
+    finally:
+        endpoint.close()
+        sender.close()
+
+
+async def test_past_its_budget_a_wakeup_sheds_the_rest_instead_of_queueing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of BATCH_LIMIT, each answered before the next; once a wakeup has worked
+    WAKEUP_BUDGET, what is left (known machines' datagrams too) is shed."""
+    monkeypatch.setattr(transport, "BATCH_LIMIT", 10)
+    monkeypatch.setattr(transport, "WAKEUP_BUDGET", 0.05)
+
+    class SlowService(FakeService):
+        def handle_batch(self, batch: Sequence[bytes], interface: str, now: float,
+                         ) -> list[Datagram]:
+            time.sleep(0.03)  # a batch's worth of work
+            return super().handle_batch(batch, interface, now)
+
+    service = SlowService()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(100):
+        sender.sendto(f"known {i}".encode(), sock.getsockname())
+    endpoint = transport.DhcpEndpoint("lo", sock, service)
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if service.answered:
+                break
+        # 0.03 s after the first batch: under budget, one more; 0.06 s: the rest is shed
+        assert service.batches == 2
+        assert service.answered == [f"known {i}".encode() for i in range(20)]
+        assert service.shed_count == 80
     finally:
         endpoint.close()
         sender.close()
