@@ -33,13 +33,26 @@ class FakeService:
         self.shed_count += count
 
 
-async def test_a_wakeup_answers_known_machines_first_and_sheds_the_excess() -> None:
-    service = FakeService()
+def loopback_pair(rcvbuf: int) -> tuple[socket.socket, socket.socket]:
+    """A non-blocking loopback socket the endpoint reads, and one to send to it from."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    return sock, socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+async def until_answered(service: FakeService) -> None:
+    """Let the loop run until the endpoint's first wakeup has reached the service."""
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if service.answered:
+            return
+
+
+async def test_a_wakeup_answers_known_machines_first_and_sheds_the_excess() -> None:
+    service = FakeService()
+    sock, sender = loopback_pair(4 << 20)
     # a flood of 300 unknown datagrams with 3 known ones among them, all queued before
     # the loop gets to read
     sent = []
@@ -51,10 +64,7 @@ async def test_a_wakeup_answers_known_machines_first_and_sheds_the_excess() -> N
         sender.sendto(data, sock.getsockname())
     endpoint = transport.DhcpEndpoint("lo", sock, service)
     try:
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if service.answered:
-                break
+        await until_answered(service)
         budget = transport.UNKNOWN_PER_WAKEUP
         assert service.answered[:3] == [b"known 10", b"known 150", b"known 299"]
         assert service.answered[3:] == [f"unknown {i}".encode() for i in range(budget)]
@@ -68,11 +78,8 @@ async def test_a_wakeup_answers_known_machines_first_and_sheds_the_excess() -> N
 
 async def test_a_quiet_socket_answers_everything() -> None:
     service = FakeService()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
+    sock, sender = loopback_pair(1 << 20)
     endpoint = transport.DhcpEndpoint("lo", sock, service)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for i in range(5):
             sender.sendto(f"unknown {i}".encode(), sock.getsockname())
@@ -97,19 +104,12 @@ async def test_past_its_budget_a_wakeup_sheds_the_rest_instead_of_queueing(
             return super().handle_batch(batch, interface, now)
 
     service = SlowService()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock, sender = loopback_pair(1 << 20)
     for i in range(100):
         sender.sendto(f"known {i}".encode(), sock.getsockname())
     endpoint = transport.DhcpEndpoint("lo", sock, service)
     try:
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if service.answered:
-                break
+        await until_answered(service)
         # 0.03 s after the first batch: under budget, one more; 0.06 s: the rest is shed
         assert service.batches == 2
         assert service.answered == [f"known {i}".encode() for i in range(20)]
