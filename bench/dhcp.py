@@ -279,12 +279,12 @@ def print_profile(path: Path) -> None:
         # a frame is "function (path/file.py:line)"
         frames = [(f.split(" (")[0], f.rsplit("/", 1)[-1].split(":")[0])
                   for f in stack.split(";")]
-        names = [f"{file}:{function}" for function, file in frames]
         bucket = next((label for label, file, function in BUCKETS
                        if any(fi == file and fu.endswith(function) for fu, fi in frames)),
                       "other")
         steps[bucket] = steps.get(bucket, 0) + count
-        leaves[names[-1]] = leaves.get(names[-1], 0) + count
+        leaf = f"{frames[-1][1]}:{frames[-1][0]}"
+        leaves[leaf] = leaves.get(leaf, 0) + count
     if not total:
         print(f"  (no samples in {path})")
         return
