@@ -57,14 +57,17 @@ class NodeDirectory:
 
     @classmethod
     def build(cls, inventory: Inventory, stored: Iterable[Lease] = (),
-              learned: Iterable[tuple[str, str]] = ()) -> NodeDirectory:
+              learned: Iterable[tuple[str, str]] = (), *, shared: bool = False,
+              ) -> NodeDirectory:
         """A directory with the catch-all ranges' tables, filled from stored leases and
-        learned MACs (those of nodes no longer in the config are dropped)."""
+        learned MACs (those of nodes no longer in the config are dropped). `shared`:
+        the leases live in a store other members write too (cluster mode), so offers
+        are claims and are queued for it like binds."""
         pool = inventory.catch_all
         leases = None
         if pool is not None:
             leases = RangeLeases(((r.network, r.first, r.last) for r in pool.ranges),
-                                 inventory.reserved_ips)
+                                 inventory.reserved_ips, durable_offers=shared)
             leases.restore(stored)
         ported = {n.name for n in inventory.nodes if n.port is not None}
         return cls(inventory, leases, {name: mac for name, mac in learned if name in ported})

@@ -57,11 +57,14 @@ class LeaseTable:
 
     def __init__(self, first: IPv4Address, last: IPv4Address,
                  reserved: Iterable[IPv4Address] = (), *, offer_hold: float = OFFER_HOLD,
-                 quarantine: float = DECLINE_QUARANTINE) -> None:
+                 quarantine: float = DECLINE_QUARANTINE, durable_offers: bool = False,
+                 ) -> None:
         self.first, self.last = first, last
         self.reserved = frozenset(reserved)
         self.offer_hold = offer_hold
         self.quarantine = quarantine
+        # cluster mode: an offer is a claim in the shared store, so it is queued like a bind
+        self.durable_offers = durable_offers
         self._by_ip: dict[IPv4Address, Lease] = {}
         self._by_mac: dict[str, Lease] = {}
         # Every lease set, by (expires, ip): the one that expired longest ago is at the
@@ -70,7 +73,11 @@ class LeaseTable:
         # per packet for 50 addresses under a flood).
         self._expiry: list[tuple[float, int, int, Lease]] = []
         self._seq = itertools.count()
-        self._next_fresh = int(first)
+        # never-used addresses are scanned from a cursor that wraps at the end of the
+        # range; `_unscanned` counts what is left of one lap (cluster mode starts each
+        # member's lap at its own slice: `scan_from`)
+        self._cursor = int(first)
+        self._unscanned = int(last) - int(first) + 1
         self._changes: list[LeaseChange] = []
 
     # -- queries
@@ -127,13 +134,22 @@ class LeaseTable:
         return ip
 
     def _fresh(self) -> IPv4Address | None:
-        last = int(self.last)
-        while self._next_fresh <= last:
-            ip = IPv4Address(self._next_fresh)
-            self._next_fresh += 1
+        first, last = int(self.first), int(self.last)
+        while self._unscanned > 0:
+            value = self._cursor
+            self._cursor = value + 1 if value < last else first
+            self._unscanned -= 1
+            ip = IPv4Address(value)
             if ip not in self._by_ip and ip not in self.reserved:
                 return ip
         return None
+
+    def scan_from(self, k: int, n: int) -> None:
+        """Start a new lap of the never-used scan k/n of the way into the range (member k
+        of n in cluster mode): members then rarely race for the same address."""
+        size = int(self.last) - int(self.first) + 1
+        self._cursor = int(self.first) + size * k // max(n, 1)
+        self._unscanned = size
 
     def _oldest_expired(self, now: float, mac: str) -> IPv4Address | None:
         """The free address whose lease expired longest ago. A released lease expires
@@ -149,7 +165,8 @@ class LeaseTable:
         return None
 
     def _hold(self, ip: IPv4Address, mac: str, now: float) -> None:
-        self._set(Lease(ip, mac, LeaseState.OFFERED, now + self.offer_hold), durable=False)
+        self._set(Lease(ip, mac, LeaseState.OFFERED, now + self.offer_hold),
+                  durable=self.durable_offers)
 
     def bind(self, mac: str, ip: IPv4Address, now: float, lease_time: float,
              hostname: str | None = None) -> Lease:
@@ -217,6 +234,18 @@ class LeaseTable:
             kept += 1
         return kept
 
+    def apply_remote(self, ip: IPv4Address, lease: Lease | None) -> None:
+        """Another member's write (or the shared store's current record after a lost
+        race): `lease` now holds `ip`, or nobody does. Not queued: it is stored already."""
+        if ip not in self or ip in self.reserved:
+            return
+        if lease is not None:
+            self._set(lease, durable=False)
+            return
+        old = self._by_ip.pop(ip, None)
+        if old is not None and self._by_mac.get(old.mac) is old:
+            del self._by_mac[old.mac]
+
     def pending(self) -> int:
         """Changes queued for the store."""
         return len(self._changes)
@@ -236,11 +265,14 @@ class RangeLeases:
     ranges; everything else finds the table that holds the address."""
 
     def __init__(self, ranges: Iterable[tuple[str, IPv4Address, IPv4Address]],
-                 reserved: Iterable[IPv4Address] = (), **table_args: float) -> None:
+                 reserved: Iterable[IPv4Address] = (), *, durable_offers: bool = False,
+                 **table_args: float) -> None:
         held = frozenset(reserved)
         self.tables: tuple[tuple[str, LeaseTable], ...] = tuple(
-            (network, LeaseTable(first, last, held, **table_args))
+            (network, LeaseTable(first, last, held, durable_offers=durable_offers,
+                                 **table_args))
             for network, first, last in ranges)
+        self.slice = (0, 1)
         self._by_network: dict[str, list[LeaseTable]] = {}
         for network, table in self.tables:
             self._by_network.setdefault(network, []).append(table)
@@ -309,6 +341,19 @@ class RangeLeases:
     def forget_offer(self, mac: str) -> None:
         for _, table in self.tables:
             table.forget_offer(mac)
+
+    def scan_from(self, k: int, n: int) -> None:
+        """Cluster mode: member k of n scans for never-used addresses from its own slice
+        (asked once a batch: a new lap starts only when k or n changed)."""
+        if (k, n) != self.slice:
+            self.slice = (k, n)
+            for _, table in self.tables:
+                table.scan_from(k, n)
+
+    def apply_remote(self, ip: IPv4Address, lease: Lease | None) -> None:
+        table = self.table_for(ip)
+        if table is not None:
+            table.apply_remote(ip, lease)
 
     def restore(self, leases: Iterable[Lease]) -> int:
         kept = 0
