@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -261,6 +262,65 @@ class ClusterConfig(_Model):
         return v
 
 
+class EtcdTlsConfig(_Model):
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> EtcdTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key (a client certificate), or neither")
+        return self
+
+
+class EtcdConfig(_Model):
+    endpoints: list[str] = Field(min_length=1)
+    prefix: str = "/bootd/"
+    tls: EtcdTlsConfig | None = None
+    timeout: Duration = 2.0  # per request; past it etcd counts as unreachable
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+:\d{1,5}/?", url):
+                raise ValueError(f"etcd endpoint must be http(s)://host:port, got {url!r}")
+        if len({url.split("://")[0] for url in v}) > 1:
+            raise ValueError("etcd endpoints mix http and https")
+        return [url.rstrip("/") for url in v]
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]*/", v) or "//" in v:
+            raise ValueError(f"prefix must start and end with '/', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_scheme(self) -> EtcdConfig:
+        if (self.tls is not None) != self.endpoints[0].startswith("https://"):
+            raise ValueError("https endpoints need `tls` (at least its ca) and http ones none")
+        return self
+
+
+class MembershipConfig(_Model):
+    """`cluster:` - several bootd instances sharing one fleet's state on etcd."""
+
+    member: Hostname = Field(default_factory=lambda: _default_member())
+    etcd: EtcdConfig
+    member_ttl: Duration = 5.0
+    # A member answers a client it does not own once the client's `secs` field says it
+    # has waited this long (Kea's max-ack-delay): failover for that client does not wait
+    # for the owner's etcd lease to expire.
+    takeover_after: Duration = 4.0
+
+
+def _default_member() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    return name if _LABEL.match(name) else "bootd"
+
+
 class BootConfig(_Model):
     """Which boot program each firmware gets; any field may be set per pool, tag or node."""
 
@@ -482,6 +542,7 @@ class Config(_Model):
     events: EventsConfig = EventsConfig()
     images: dict[str, ImageConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
+    cluster: MembershipConfig | None = None  # absent: one instance on SQLite
     defaults: ProfileConfig = ProfileConfig()
     tags: dict[str, ProfileConfig] = {}
     pools: list[PoolConfig] = []
@@ -819,6 +880,11 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
             if b[0] <= a[1]:
                 errors.append((("pools", i, "dynamic", "ranges"),
                                f"ranges {ra} and {rb} overlap"))
+    tls = config.cluster.etcd.tls if config.cluster is not None else None
+    for field_name in ("ca", "cert", "key"):
+        path = getattr(tls, field_name, None)
+        if path is not None and not path.is_file():
+            errors.append((("cluster", "etcd", "tls", field_name), f"no such file: {path}"))
     return errors
 
 

@@ -62,3 +62,20 @@ class Metrics:
         self.dhcp_leases = Gauge(
             "bootd_dhcp_dynamic_leases", "Addresses of the dynamic range with a lease record",
             registry=self.registry)
+        # cluster mode (zero and unchanged on a single instance)
+        self.cluster_registered = Gauge(
+            "bootd_cluster_registered", "1 while this member holds its etcd membership lease "
+            "(it allocates addresses only then)", registry=self.registry)
+        self.cluster_members = Gauge(
+            "bootd_cluster_members", "Live members this member sees", registry=self.registry)
+        self.cluster_sessions = Counter(
+            "bootd_cluster_sessions", "etcd sessions, by how they ended (started, lost)",
+            ["event"], registry=self.registry)
+        self.cluster_claims = Counter(
+            "bootd_cluster_claims", "Lease writes to etcd: won, lost (another member wrote "
+            "first), failed (etcd unreachable), skipped (not registered)", ["result"],
+            registry=self.registry)
+        self.cluster_claim_seconds = Histogram(
+            "bootd_cluster_claim_seconds", "One batch's lease writes to etcd",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5),
+            registry=self.registry)

@@ -1,0 +1,135 @@
+"""Cluster mode's pure core: which member answers a client, and how a lease is kept in etcd.
+
+Several bootd instances ("members") serve one fleet. They share the catch-all leases and
+their membership through etcd (`bootd.state.etcd` moves the bytes); everything here is
+pure, so every rule below is unit-tested without an etcd.
+
+Theory of operation
+-------------------
+
+1. Every live member holds a key `PREFIX members/NAME` attached to an etcd lease of
+   `member_ttl` seconds that it keeps alive. The set of those keys is the membership;
+   a member that dies drops out when its lease expires.
+2. Each client is owned by exactly one live member: the one for which a hash of
+   (member, MAC) is highest (rendezvous hashing). That gives RFC 3074's "one answer per
+   client" without RFC 3074's fixed bucket table: when a member leaves, only its own
+   clients move, spread over the others; when it returns they move back.
+3. A registered member answers the clients it owns, and any client whose `secs` field
+   says it has waited `takeover_after` or longer (Kea's max-ack-delay): a client's
+   failover need not wait for the owner's etcd lease to expire.
+4. A member that is not registered (etcd unreachable, or its lease lost) answers every
+   client it is asked by, but allocates nothing: a reserved node's answer needs no shared
+   state and is the same from every member, so reserved nodes keep booting with etcd
+   down; a dynamic client's answer would need a claim in etcd, and no offer is better
+   than a duplicate.
+5. A lease lives at `PREFIX leases/IP` as JSON. Every write (offer, bind, release,
+   decline, delete) is a compare-and-swap on the key's mod revision as this member last
+   saw it (0: absent). Two members can race for one address; exactly one wins, the other
+   withholds its reply, learns the winner's record and the client asks again.
+6. To make that race rare, each member scans a range for never-used addresses from its
+   own slice: member k of n starts k/n of the way in (`fresh_slice`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+import orjson
+
+from bootd.state.leases import Lease, LeaseState
+
+MEMBERS = "members/"
+LEASES = "leases/"
+
+
+def owner(client: str, members: Sequence[str]) -> str | None:
+    """The member that owns `client` (rule 2); None when there is no live member."""
+    best, best_score = None, b""
+    tail = b"\0" + client.encode()
+    for member in members:
+        score = hashlib.blake2b(member.encode() + tail, digest_size=8).digest()
+        if score > best_score:
+            best, best_score = member, score
+    return best
+
+
+@dataclass(frozen=True)
+class Membership:
+    """One member's view of the cluster at one moment."""
+
+    me: str
+    members: tuple[str, ...]  # live members, sorted; includes `me` when registered
+    registered: bool
+    takeover_after: float
+
+    def answers(self, mac: str, secs: int) -> bool:
+        """Does this member answer this client now (rules 3 and 4)?"""
+        if not self.registered:
+            return True
+        return secs >= self.takeover_after or owner(mac, self.members) == self.me
+
+    def may_allocate(self) -> bool:
+        return self.registered
+
+    def fresh_slice(self) -> tuple[int, int]:
+        """(k, n): this member is k-th of n live members (rule 6); (0, 1) when alone."""
+        if self.me not in self.members:
+            return 0, 1
+        return self.members.index(self.me), len(self.members)
+
+
+def member_key(prefix: str, member: str) -> bytes:
+    return f"{prefix}{MEMBERS}{member}".encode()
+
+
+def lease_key(prefix: str, ip: IPv4Address) -> bytes:
+    return f"{prefix}{LEASES}{ip}".encode()
+
+
+def encode_lease(lease: Lease, member: str) -> bytes:
+    record: dict[str, object] = {"mac": lease.mac, "state": lease.state.value,
+                                 "expires": lease.expires, "member": member}
+    if lease.hostname is not None:
+        record["hostname"] = lease.hostname
+    return orjson.dumps(record)
+
+
+@dataclass(frozen=True)
+class StoredLease:
+    lease: Lease
+    member: str  # who wrote it
+
+
+class BadRecord(ValueError):
+    pass
+
+
+def decode_lease(prefix: str, key: bytes, value: bytes) -> StoredLease:
+    """A lease record read from etcd; BadRecord if it is not one of ours."""
+    try:
+        text = key.decode()
+        if not text.startswith(prefix + LEASES):
+            raise BadRecord(f"not a lease key: {text!r}")
+        ip = IPv4Address(text[len(prefix) + len(LEASES):])
+        record = orjson.loads(value)
+        if not isinstance(record, dict):
+            raise BadRecord("not an object")
+        hostname = record.get("hostname")
+        lease = Lease(ip, str(record["mac"]), LeaseState(record["state"]),
+                      float(record["expires"]),
+                      hostname if isinstance(hostname, str) else None)
+        return StoredLease(lease, str(record.get("member", "")))
+    except BadRecord:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:
+        raise BadRecord(f"{key!r}: {exc}") from exc
+
+
+def member_of(prefix: str, key: bytes) -> str | None:
+    """The member name in a membership key, or None if the key is not one."""
+    text = key.decode(errors="replace")
+    start = prefix + MEMBERS
+    return text[len(start):] or None if text.startswith(start) else None

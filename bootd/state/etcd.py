@@ -1,0 +1,452 @@
+"""Cluster mode's I/O shell: membership and the shared lease records, on etcd.
+
+The rules of who answers and how a lease is written are pure (`bootd.state.cluster`);
+this module only moves them to and from etcd.
+
+Theory of operation
+-------------------
+
+1. One session at a time: connect, grant a lease of `member_ttl`, register
+   `members/NAME` under it, read every record under the prefix at one revision R, watch
+   the prefix from R + 1, and keep the lease alive every `member_ttl / 3`. Any failure
+   (a refused or timed-out request, an ended watch, a lease etcd no longer knows) ends
+   the session; the next one starts after a short back-off and reads everything again.
+   etcd is the truth and the mirror is rebuilt from it, so nothing is lost in between.
+2. The member counts as registered only while its last keep-alive is younger than
+   `member_ttl`: a member cut off from etcd stops allocating at the moment its peers may
+   start to take its clients over (cluster rule 4).
+3. The mirror maps each address with a record to (record, mod revision). Lease writes
+   compare the key's mod revision with the mirror's (cluster rule 5); the winner's
+   revision goes into the mirror, a loser reads the key back in the same transaction and
+   the mirror and the lease table take what it holds.
+4. Watch events feed the mirror and the current lease table; an event not newer than
+   what the mirror holds is one of our own writes coming back, and is skipped.
+5. Transitions are logged once each ("cluster registered", "cluster session lost"), not
+   per packet; the DHCP path reads `membership()` once per batch.
+
+Client: aetcd (asyncio over grpc.aio), chosen after a spike against Debian's etcd 3.4
+(put/get, compare-and-swap transactions, leases and watches all worked; `etcetra` could
+not be installed next to it, and python-etcd3 is thread-based). aetcd 1.0 opens only a
+plaintext channel to one host, so `_Client.connect` below opens the channel itself: TLS
+when `tls:` is given, and every endpoint in one channel (gRPC moves to the next address
+when one fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_address
+from typing import Any
+from urllib.parse import urlsplit
+
+import aetcd
+import grpc
+import orjson
+import structlog
+from aetcd import rpc, watcher
+
+from bootd.fleet.config import MembershipConfig
+from bootd.ops.metrics import Metrics
+from bootd.state.cluster import (
+    LEASES,
+    BadRecord,
+    Membership,
+    StoredLease,
+    decode_lease,
+    encode_lease,
+    lease_key,
+    member_key,
+    member_of,
+    owner,
+)
+from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, RangeLeases
+
+log = structlog.get_logger("bootd.cluster")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 2.0
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client on a channel of our making (see the module's last paragraph)."""
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None,
+                 timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self._target, self._credentials = target, credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._credentials is not None:
+            self.channel = rpc.secure_channel(self._target, self._credentials)
+        else:
+            self.channel = rpc.insecure_channel(self._target)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                        metadata=self.metadata)
+        self._connected.set()
+
+
+async def channel_target(endpoints: Sequence[str]) -> str:
+    """One gRPC target for every endpoint: `ipv4:a:p,b:p` (names resolved now, so a
+    session started later sees DNS changes)."""
+    loop = asyncio.get_running_loop()
+    addresses: list[str] = []
+    for url in endpoints:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or 2379
+        try:
+            addresses.append(f"{ip_address(host)}:{port}")
+            continue
+        except ValueError:
+            pass
+        for *_, sockaddr in await loop.getaddrinfo(host, port, type=0, proto=6):
+            if len(sockaddr) == 2 and f"{sockaddr[0]}:{port}" not in addresses:
+                addresses.append(f"{sockaddr[0]}:{port}")
+    if not addresses:
+        raise OSError(f"no address for the etcd endpoints {', '.join(endpoints)}")
+    return "ipv4:" + ",".join(addresses)
+
+
+def credentials(config: MembershipConfig) -> grpc.ChannelCredentials | None:
+    tls = config.etcd.tls
+    if tls is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes() if tls.key is not None else None,
+        certificate_chain=tls.cert.read_bytes() if tls.cert is not None else None)
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    name: str
+    address: str
+    http_port: int
+    since: float
+
+
+class SessionLost(Exception):
+    pass
+
+
+class EtcdCluster:
+    """This member's session with etcd: its registration, the live members, the mirror
+    of every lease record, and the claims the DHCP path makes (see the module's rules)."""
+
+    def __init__(self, config: MembershipConfig, metrics: Metrics,
+                 leases: Callable[[], RangeLeases | None], *, address: str,
+                 http_port: int) -> None:
+        self.config = config
+        self.prefix = config.etcd.prefix
+        self.me = config.member
+        self.metrics = metrics
+        self._leases = leases  # the current snapshot's lease table
+        self._info = orjson.dumps({"address": address, "http_port": http_port,
+                                   "since": time.time()})
+        self._client: _Client | None = None
+        self._members: dict[str, MemberInfo] = {}
+        self._mirror: dict[IPv4Address, tuple[StoredLease | None, int]] = {}
+        self._alive_until = 0.0  # monotonic: registered until then (rule 2)
+        self._view: Membership | None = None
+        self._state = "starting"
+        self._last_error: str | None = None
+        self._loaded = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what the DHCP path and the rest of the daemon ask
+
+    def membership(self) -> Membership:
+        registered = time.monotonic() < self._alive_until
+        view = self._view
+        if view is None or view.registered != registered:
+            view = Membership(self.me, tuple(sorted(self._members)) if registered else (),
+                              registered, self.config.takeover_after)
+            self._view = view
+        return view
+
+    def leases(self) -> list[Lease]:
+        """Every lease record in the mirror: what a new snapshot's table starts from."""
+        return [stored.lease for stored, _ in self._mirror.values() if stored is not None]
+
+    async def claim(self, changes: Sequence[LeaseChange]) -> bool:
+        """Write a batch's lease changes, each a compare-and-swap (rule 3); True if every
+        one was won. The changes are never queued again: a lost or failed write is
+        decided anew when the client asks again."""
+        client = self._client
+        if client is None or not self.membership().registered:
+            self.metrics.cluster_claims.labels("skipped").inc(len(changes))
+            return False
+        began = time.perf_counter()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(
+                *(self._claim_one(client, change) for change in changes)),
+                self.config.etcd.timeout)
+        except (TimeoutError, aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            self.metrics.cluster_claims.labels("failed").inc(len(changes))
+            self._trouble(exc)
+            return False
+        self.metrics.cluster_claim_seconds.observe(time.perf_counter() - began)
+        won = sum(results)
+        self.metrics.cluster_claims.labels("won").inc(won)
+        if won < len(results):
+            self.metrics.cluster_claims.labels("lost").inc(len(results) - won)
+        return won == len(results)
+
+    async def _claim_one(self, client: _Client, change: LeaseChange) -> bool:
+        key = lease_key(self.prefix, change.ip)
+        _, revision = self._mirror.get(change.ip, (None, 0))
+        tx = client.transactions
+        write = (tx.delete(key) if isinstance(change, LeaseDeleted)
+                 else tx.put(key, encode_lease(change, self.me)))
+        succeeded, responses = await client.transaction(
+            compare=[tx.mod(key) == revision], success=[write], failure=[tx.get(key)])
+        if succeeded:
+            response = responses[0]
+            header = (response.response_delete_range if isinstance(change, LeaseDeleted)
+                      else response.response_put).header
+            if isinstance(change, LeaseDeleted):
+                self._mirror[change.ip] = (None, 0)
+            else:
+                self._mirror[change.ip] = (StoredLease(change, self.me), header.revision)
+            return True
+        found = responses[0] if responses else []
+        if found:
+            value, meta = found[0]
+            self._learn(key, value, meta.mod_revision)
+        else:
+            self._forget(change.ip)
+        return False
+
+    async def status(self) -> dict[str, Any]:
+        """`bootd cluster status`: members, liveness, owners, etcd health and latency."""
+        view = self.membership()
+        counts: dict[str, int] = {name: 0 for name in view.members}
+        now = time.time()
+        for stored, _ in self._mirror.values():
+            if stored is not None and stored.lease.active(now):
+                who = owner(stored.lease.mac, view.members)
+                if who is not None:
+                    counts[who] += 1
+        etcd: dict[str, Any] = {"endpoints": self.config.etcd.endpoints,
+                                "prefix": self.prefix}
+        client = self._client
+        if client is not None:
+            began = time.perf_counter()
+            try:
+                st = await asyncio.wait_for(client.status(), self.config.etcd.timeout)
+                etcd.update(healthy=True, latency_ms=round(
+                    (time.perf_counter() - began) * 1000, 2), version=st.version,
+                    leader=f"{st.leader.id:x}" if st.leader is not None else None,
+                    db_size=st.db_size)
+            except Exception as exc:  # any failure is the answer: etcd is not healthy
+                etcd.update(healthy=False, error=str(exc) or type(exc).__name__)
+        else:
+            etcd.update(healthy=False, error=self._last_error or "not connected")
+        return {
+            "member": self.me, "registered": view.registered, "state": self._state,
+            "last_error": self._last_error, "member_ttl": self.config.member_ttl,
+            "takeover_after": self.config.takeover_after,
+            "members": [{"name": name, "address": m.address, "http_port": m.http_port,
+                         "since": m.since, "owns_active_leases": counts.get(name, 0),
+                         "me": name == self.me}
+                        for name, m in sorted(self._members.items())],
+            "leases": sum(1 for stored, _ in self._mirror.values() if stored is not None),
+            "etcd": etcd,
+        }
+
+    # -- the session (rule 1)
+
+    async def start(self, wait: float) -> None:
+        """Run sessions in the background; wait up to `wait` s for the first to load."""
+        self._task = asyncio.create_task(self._run())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._loaded.wait(), wait)
+        if not self._loaded.is_set():
+            log.error("cluster: etcd not reachable at start; serving reserved nodes only "
+                      "until it is", endpoints=self.config.etcd.endpoints,
+                      error=self._last_error)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # a clean stop hands this member's clients over now, not after member_ttl
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.delete(member_key(self.prefix, self.me)), 1.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 1.0)
+        self._client = None
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure ends the session (rule 1)
+                self._trouble(exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            if self._state == "registered":
+                backoff = BACKOFF_FIRST
+
+    async def _session(self) -> None:
+        timeout = self.config.etcd.timeout
+        ttl = self.config.member_ttl
+        client = _Client(await channel_target(self.config.etcd.endpoints),
+                         credentials(self.config), timeout)
+        old, self._client = self._client, client
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), 1.0)
+        grant = await asyncio.wait_for(client.lease(max(1, round(ttl))), timeout)
+        await asyncio.wait_for(client.put(member_key(self.prefix, self.me), self._info,
+                                          lease=grant), timeout)
+        renewed = time.monotonic()
+        snapshot = await asyncio.wait_for(client.get_prefix(self.prefix.encode()), timeout)
+        self._load(snapshot)
+        watch = await asyncio.wait_for(client.watch_prefix(
+            self.prefix.encode(), start_revision=snapshot.header.revision + 1), timeout)
+        follower = asyncio.create_task(self._follow(watch))
+        self._alive_until = renewed + ttl
+        self._registered()
+        try:
+            while True:
+                await asyncio.sleep(ttl / 3)
+                if follower.done():
+                    follower.result()  # raises what ended the watch
+                    raise SessionLost("the watch ended")
+                asked = time.monotonic()
+                reply = await asyncio.wait_for(grant.refresh(), timeout)
+                if reply is None or reply.TTL <= 0:
+                    raise SessionLost("etcd no longer knows this member's lease")
+                self._alive_until = asked + ttl
+        finally:
+            self._alive_until = 0.0
+            self._publish()
+            follower.cancel()
+            with contextlib.suppress(BaseException):
+                await follower
+
+    def _load(self, snapshot: Any) -> None:
+        """Everything under the prefix at one revision: members, and every lease record
+        (the current lease table is made to hold exactly what etcd holds)."""
+        members: dict[str, MemberInfo] = {}
+        mirror: dict[IPv4Address, tuple[StoredLease | None, int]] = {}
+        for kv in snapshot:
+            name = member_of(self.prefix, kv.key)
+            if name is not None:
+                members[name] = _member_info(name, kv.value)
+                continue
+            try:
+                stored = decode_lease(self.prefix, kv.key, kv.value)
+            except BadRecord as exc:
+                log.warning("cluster: skipping a record that is not a lease", error=str(exc))
+                continue
+            mirror[stored.lease.ip] = (stored, kv.mod_revision)
+        table = self._leases()
+        if table is not None:
+            for held in table.leases():
+                if held.ip not in mirror:
+                    table.apply_remote(held.ip, None)
+            for ip, (found, _) in mirror.items():
+                table.apply_remote(ip, found.lease if found is not None else None)
+        self._members, self._mirror = members, mirror
+        self._loaded.set()
+
+    async def _follow(self, watch: Any) -> None:
+        prefix = self.prefix
+        async for event in watch:
+            key = event.kv.key
+            deleted = event.kind == aetcd.EventKind.DELETE
+            name = member_of(prefix, key)
+            if name is not None:
+                if deleted:
+                    self._members.pop(name, None)
+                else:
+                    self._members[name] = _member_info(name, event.kv.value)
+                self._publish()
+            elif key.startswith((prefix + LEASES).encode()):
+                if deleted:
+                    self._forget_key(key, event.kv.mod_revision)
+                else:
+                    self._learn(key, event.kv.value, event.kv.mod_revision)
+
+    def _learn(self, key: bytes, value: bytes, revision: int) -> None:
+        try:
+            stored = decode_lease(self.prefix, key, value)
+        except BadRecord as exc:
+            log.warning("cluster: skipping a record that is not a lease", error=str(exc))
+            return
+        ip = stored.lease.ip
+        if self._mirror.get(ip, (None, 0))[1] >= revision:
+            return  # our own write coming back (rule 4)
+        self._mirror[ip] = (stored, revision)
+        table = self._leases()
+        if table is not None:
+            table.apply_remote(ip, stored.lease)
+
+    def _forget_key(self, key: bytes, revision: int) -> None:
+        try:
+            ip = IPv4Address(key.decode()[len(self.prefix) + len(LEASES):])
+        except ValueError:
+            return
+        if self._mirror.get(ip, (None, 0))[1] >= revision:
+            return
+        self._forget(ip)
+
+    def _forget(self, ip: IPv4Address) -> None:
+        self._mirror[ip] = (None, 0)
+        table = self._leases()
+        if table is not None:
+            table.apply_remote(ip, None)
+
+    # -- transitions (rule 5)
+
+    def _registered(self) -> None:
+        self.metrics.cluster_sessions.labels("started").inc()
+        self._state = "registered"
+        self._last_error = None
+        self._publish()
+        log.info("cluster registered", member=self.me, members=sorted(self._members),
+                 leases=len(self.leases()))
+
+    def _trouble(self, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self._state != "lost":
+            self.metrics.cluster_sessions.labels("lost").inc()
+            log.error("cluster session lost: no address is allocated until etcd answers "
+                      "again; reserved nodes are still served", member=self.me, error=error)
+        self._state = "lost"
+        self._last_error = error
+        self._alive_until = 0.0
+        self._publish()
+
+    def _publish(self) -> None:
+        """Members or registration changed: a new view for the next batch."""
+        self._view = None
+        view = self.membership()
+        self.metrics.cluster_registered.set(1 if view.registered else 0)
+        self.metrics.cluster_members.set(len(view.members))
+
+
+def _member_info(name: str, value: bytes) -> MemberInfo:
+    try:
+        data = orjson.loads(value)
+        return MemberInfo(name, str(data.get("address", "")), int(data.get("http_port", 0)),
+                          float(data.get("since", 0.0)))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return MemberInfo(name, "", 0, 0.0)
+
