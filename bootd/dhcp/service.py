@@ -37,6 +37,13 @@ Rules:
    reload never lands in the middle of one.
 7. INFORM is answered at most INFORM_BURST at once and INFORM_RATE a second per client
    address; beyond that it is counted and dropped, unlogged.
+8. Cluster mode (`handle_batch_shared`): the same path, but a client this member does
+   not answer (`bootd.state.cluster`, rules 2-4) is dropped before it is queued
+   (`answers`, asked by the transport), offers
+   are queued like binds, and "persist" is a compare-and-swap per change in etcd, awaited
+   before any reply of the batch is encoded. A lost or failed claim withholds the
+   batch's replies that needed a change and is not retried: the client asks again and is
+   decided against what etcd holds by then.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from types import MappingProxyType
+from typing import Protocol
 
 import structlog
 
@@ -71,7 +79,9 @@ from bootd.fleet.inventory import NodeProfile
 from bootd.ops.metrics import Metrics
 from bootd.ops.ratelimit import RateLimiter, TokenBucket
 from bootd.state import events
+from bootd.state.cluster import Membership
 from bootd.state.events import BootEvent
+from bootd.state.leases import LeaseChange
 from bootd.state.recorder import Recorder
 from bootd.state.store import Store
 
@@ -80,6 +90,14 @@ log = structlog.get_logger("bootd.dhcp")
 UNKNOWN_MAC_LOG_INTERVAL = 60.0
 UNKNOWN_MAC_MEMORY = 4096
 INFORM_RATE, INFORM_BURST = 1.0, 5.0
+
+
+class SharedLeases(Protocol):
+    """Cluster mode's shared lease store (`bootd.state.etcd.EtcdCluster`)."""
+
+    def membership(self) -> Membership: ...
+
+    async def claim(self, changes: Sequence[LeaseChange]) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -96,9 +114,12 @@ class Datagram:
 
 class DhcpService:
     def __init__(self, context: Callable[[], DhcpContext], store: Store, metrics: Metrics,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None, cluster: SharedLeases | None = None,
+                 ) -> None:
         self.context = context  # the current snapshot's DHCP context
         self.store = store
+        self.cluster = cluster
+        self.shared = cluster is not None
         self.metrics = metrics
         self.recorder = recorder
         self.unknown_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, UNKNOWN_MAC_MEMORY)
@@ -106,7 +127,7 @@ class DhcpService:
         self.trouble_log = RateLimiter(UNKNOWN_MAC_LOG_INTERVAL, 64)  # per kind of trouble
         self.informs = TokenBucket(INFORM_RATE, INFORM_BURST, UNKNOWN_MAC_MEMORY)
         self._packets = {kind: metrics.dhcp_packets.labels(kind) for kind in (
-            "malformed", "store-failed", "rate-limited", "shed",
+            "malformed", "store-failed", "rate-limited", "shed", "not-owned", "claim-lost",
             *(c.kind for c in _OUTCOME_CLASSES))}
 
     def is_known(self, data: bytes) -> bool:
@@ -116,6 +137,18 @@ class DhcpService:
         if len(data) < 34 or data[2] != 6:
             return False
         return self.context().directory.is_known_raw(data[28:34])
+
+    def answers(self, data: bytes) -> bool:
+        """Cluster mode: does this member answer this datagram's client (its chaddr and
+        `secs` read without decoding, `bootd.state.cluster` rules 2-4)? The transport
+        asks before queueing, so the clients of other members cost no queue space."""
+        if self.cluster is None or len(data) < 34 or data[2] != 6:
+            return True  # a malformed datagram is dropped, and counted, by decode
+        if self.cluster.membership().answers(data[28:34].hex(":"),
+                                             int.from_bytes(data[8:10])):
+            return True
+        self._packets["not-owned"].inc()
+        return False
 
     def shed(self, count: int) -> None:
         """Datagrams of unknown machines the transport dropped under load, unanswered."""
@@ -130,6 +163,29 @@ class DhcpService:
                      ) -> list[Datagram]:
         """The replies to a batch of datagrams, in their order (see the module's rules)."""
         ctx = self.context()
+        decided = self._decide(batch, ctx, interface, now)
+        if not decided:
+            return []
+        return self._answer(decided, self._persist(ctx, now), interface, now)
+
+    async def handle_batch_shared(self, batch: Sequence[bytes], interface: str, now: float,
+                                  ) -> list[Datagram]:
+        """Cluster mode's `handle_batch` (rule 8): only the clients this member answers
+        are decided, and the lease changes are claimed in the shared store."""
+        assert self.cluster is not None
+        ctx = self.context()
+        view = self.cluster.membership()
+        leases = ctx.directory.leases
+        if leases is not None:
+            leases.scan_from(*view.fresh_slice())
+        decided = self._decide(batch, ctx, interface, now)
+        if not decided:
+            return []
+        stored = await self._persist_shared(self.cluster, ctx, view, now)
+        return self._answer(decided, stored, interface, now)
+
+    def _decide(self, batch: Sequence[bytes], ctx: DhcpContext, interface: str, now: float,
+                ) -> list[tuple[DhcpPacket, Outcome, bool]]:
         leases = ctx.directory.leases
         decided: list[tuple[DhcpPacket, Outcome, bool]] = []
         for data in batch:
@@ -147,9 +203,10 @@ class DhcpService:
             outcome = decide(request, ctx, now, interface)
             decided.append((request, outcome,
                             leases is not None and leases.pending() > queued))
-        if not decided:
-            return []
-        stored = self._persist(ctx, now)
+        return decided
+
+    def _answer(self, decided: list[tuple[DhcpPacket, Outcome, bool]], stored: bool,
+                interface: str, now: float) -> list[Datagram]:
         replies: list[Datagram] = []
         for request, outcome, changed in decided:
             if changed and not stored:
@@ -167,17 +224,43 @@ class DhcpService:
                                             reply.port, chaddr))
         return replies
 
-    def _persist(self, ctx: DhcpContext, now: float) -> bool:
-        """Write queued lease changes and learned MACs; False (and nothing sent) if the
-        store failed."""
-        directory = ctx.directory
-        learned = directory.drain_learned()
+    def _save_learned(self, ctx: DhcpContext) -> None:
+        learned = ctx.directory.drain_learned()
         if learned:
             try:
                 self.store.save_learned(learned)
             except Exception as exc:  # kept in memory; written again when next learned
                 log.error("dhcp learned MAC store write failed", error=str(exc))
-        leases = directory.leases
+
+    async def _persist_shared(self, cluster: SharedLeases, ctx: DhcpContext,
+                              view: Membership, now: float) -> bool:
+        """Claim the batch's lease changes in the shared store; False (and no reply that
+        needs them sent) if any claim was lost or etcd did not answer. Nothing is queued
+        again: the client's next attempt is decided against what the store holds."""
+        self._save_learned(ctx)
+        leases = ctx.directory.leases
+        changes = leases.drain_changes() if leases is not None else []
+        if not changes:
+            return True
+        if not view.may_allocate():
+            self._packets["store-failed"].inc()
+            if self.trouble_log.allow("cluster", now):
+                log.error("dhcp no address allocated: this member is not registered in the "
+                          "cluster (etcd unreachable?); reserved nodes are still answered "
+                          "(logged once a minute)", pending=len(changes))
+            return False
+        if await cluster.claim(changes):
+            assert leases is not None
+            self.metrics.dhcp_leases.set(len(leases))
+            return True
+        self._packets["claim-lost"].inc()
+        return False
+
+    def _persist(self, ctx: DhcpContext, now: float) -> bool:
+        """Write queued lease changes and learned MACs; False (and nothing sent) if the
+        store failed."""
+        self._save_learned(ctx)
+        leases = ctx.directory.leases
         if leases is None:
             return True
         changes = leases.drain_changes()

@@ -31,11 +31,20 @@ the flood's), then:
    (perfdhcp, 2,000 and 4,000/s offered): 64 and 20 ms gave p99 57 and 72 ms; 32 and 10 ms
    give 33 and 45 ms, with as many exchanges completed.
 Without a flood every wakeup finds a datagram or two, all answered.
+5. Cluster mode (`Service.shared`): a batch is answered only after its claims come back
+   from etcd, so datagrams of clients this member answers (`Service.answers`; the others
+   are other members' and are dropped at once) queue for one worker task, which takes up
+   to BATCH_LIMIT of them at a time, in arrival order, and awaits each batch before the
+   next (a later batch is decided against the claims of the earlier ones). What arrived
+   while a batch's claims were in flight forms the next batch: group commit again, sized
+   by etcd's latency. At most SHARED_BACKLOG datagrams wait; beyond that they are shed
+   like rule 4's excess.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import socket
 import struct
@@ -89,13 +98,21 @@ DRAIN_LIMIT = 2048  # datagrams read per wakeup, at most
 UNKNOWN_PER_WAKEUP = 16
 BATCH_LIMIT = 32  # datagrams per lease transaction (group commit) and reply burst
 WAKEUP_BUDGET = 0.01  # seconds of work per wakeup before the rest is shed (rule 4)
+SHARED_BACKLOG = 512  # cluster mode: datagrams waiting for the worker, at most (rule 5)
 
 
 class Service(Protocol):
+    shared: bool
+
     def handle_batch(self, batch: Sequence[bytes], interface: str, now: float,
                      ) -> list[Datagram]: ...
 
+    async def handle_batch_shared(self, batch: Sequence[bytes], interface: str, now: float,
+                                  ) -> list[Datagram]: ...
+
     def is_known(self, data: bytes) -> bool: ...
+
+    def answers(self, data: bytes) -> bool: ...
 
     def shed(self, count: int) -> None: ...
 
@@ -111,6 +128,8 @@ class DhcpEndpoint:
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._drain)
         self.closed = False
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.worker: asyncio.Task[None] | None = None
 
     def _drain(self) -> None:
         recv, received = self.sock.recv, []
@@ -132,9 +151,13 @@ class DhcpEndpoint:
         if len(others) > UNKNOWN_PER_WAKEUP:
             self.service.shed(len(others) - UNKNOWN_PER_WAKEUP)
             del others[UNKNOWN_PER_WAKEUP:]
+        batch = known + others
+        if self.service.shared:
+            self._queue(batch)
+            return
         # batches of BATCH_LIMIT: each decided in order, committed once, then its replies
         # sent; past WAKEUP_BUDGET the rest of the wakeup is shed (rule 4)
-        batch, began = known + others, time.monotonic()
+        began = time.monotonic()
         for start in range(0, len(batch), BATCH_LIMIT):
             if start and time.monotonic() - began > WAKEUP_BUDGET:
                 self.service.shed(len(batch) - start)
@@ -143,11 +166,42 @@ class DhcpEndpoint:
                                                    self.interface, time.time()):
                 self.send(reply)
 
+    def _queue(self, batch: list[bytes]) -> None:
+        """Rule 5: the datagrams this member answers wait for the worker."""
+        answers, backlog = self.service.answers, self.backlog
+        shed = 0
+        for data in batch:
+            if not answers(data):
+                continue
+            if len(backlog) >= SHARED_BACKLOG:
+                shed += 1
+            else:
+                backlog.append(data)
+        if shed:
+            self.service.shed(shed)
+        if backlog and (self.worker is None or self.worker.done()):
+            self.worker = self.loop.create_task(self._work())
+
+    async def _work(self) -> None:
+        backlog = self.backlog
+        while backlog and not self.closed:
+            batch = [backlog.popleft() for _ in range(min(BATCH_LIMIT, len(backlog)))]
+            try:
+                replies = await self.service.handle_batch_shared(batch, self.interface,
+                                                                 time.time())
+            except Exception:  # a bug must not stop the worker: log it, answer the next
+                log.exception("dhcp batch failed", interface=self.interface)
+                continue
+            for reply in replies:
+                self.send(reply)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+            if self.worker is not None:
+                self.worker.cancel()
 
     def send(self, reply: Datagram) -> None:
         if self.closed:

@@ -15,6 +15,8 @@ from bootd.dhcp.service import Datagram
 
 
 class FakeService:
+    shared = False
+
     def __init__(self) -> None:
         self.answered: list[bytes] = []
         self.batches = 0
@@ -26,8 +28,15 @@ class FakeService:
         self.answered.extend(batch)
         return []
 
+    async def handle_batch_shared(self, batch: Sequence[bytes], interface: str, now: float,
+                                  ) -> list[Datagram]:
+        raise AssertionError("not in cluster mode")
+
     def is_known(self, data: bytes) -> bool:
         return data.startswith(b"known")
+
+    def answers(self, data: bytes) -> bool:
+        return not data.startswith(b"known theirs")
 
     def shed(self, count: int) -> None:
         self.shed_count += count
@@ -114,6 +123,59 @@ async def test_past_its_budget_a_wakeup_sheds_the_rest_instead_of_queueing(
         assert service.batches == 2
         assert service.answered == [f"known {i}".encode() for i in range(20)]
         assert service.shed_count == 80
+    finally:
+        endpoint.close()
+        sender.close()
+
+
+class SharedFakeService(FakeService):
+    """Cluster mode: each batch waits for its claims (here: a short sleep)."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.most_at_once = 0
+
+    async def handle_batch_shared(self, batch: Sequence[bytes], interface: str, now: float,
+                                  ) -> list[Datagram]:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        await asyncio.sleep(0.005)
+        self.batches += 1
+        self.answered.extend(batch)
+        self.running -= 1
+        return []
+
+
+async def test_cluster_mode_answers_batches_one_at_a_time_in_order_and_bounds_the_backlog(
+        ) -> None:
+    service = SharedFakeService()
+    sock, sender = loopback_pair(4 << 20)
+    backlog = transport.SHARED_BACKLOG
+    sent = [f"known {i}".encode() for i in range(backlog + 100)]
+    for i, data in enumerate(sent):
+        sender.sendto(data, sock.getsockname())
+        if i % 3 == 0:  # another member's client: dropped at once, takes no queue space
+            sender.sendto(b"known theirs %d" % i, sock.getsockname())
+    endpoint = transport.DhcpEndpoint("lo", sock, service)
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if service.batches and endpoint.worker is not None and endpoint.worker.done():
+                break
+        assert service.answered == sent[:backlog]  # in arrival order
+        assert service.shed_count == len(sent) - backlog
+        assert service.batches == backlog // transport.BATCH_LIMIT
+        assert service.most_at_once == 1
+        # a later datagram starts the worker again
+        sender.sendto(b"known late", sock.getsockname())
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if service.answered[-1] == b"known late":
+                break
+        assert service.answered[-1] == b"known late"
     finally:
         endpoint.close()
         sender.close()
