@@ -1,9 +1,10 @@
 """`bootd serve`: the runtime snapshot wired to its listeners, signals and sd_notify.
 
-Order of start-up: config -> store -> runtime (snapshot, recorder) -> DHCP endpoints ->
-TFTP -> boot HTTP -> admin API -> READY=1. SIGHUP reloads (see `bootd.runtime`);
-SIGTERM/SIGINT drain: every listener stops taking new work, TFTP transfers and HTTP
-downloads in flight get `server.drain_timeout`, pending boot events are flushed.
+Order of start-up: config -> store -> (cluster mode: etcd session) -> runtime (snapshot,
+recorder) -> DHCP endpoints -> TFTP -> boot HTTP -> admin API -> READY=1. SIGHUP reloads
+(see `bootd.runtime`); SIGTERM/SIGINT drain: every listener stops taking new work, TFTP
+transfers and HTTP downloads in flight get `server.drain_timeout`, pending boot events are
+flushed; a cluster member then leaves the membership at once, not after member_ttl.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bootd.http.serve import serve_http
 from bootd.ops.metrics import Metrics
 from bootd.ops.sdnotify import Notifier
 from bootd.runtime import Runtime
+from bootd.state.etcd import EtcdCluster
 from bootd.state.store import Store
 from bootd.tftp.report import TransferReporter
 from bootd.tftp.server import start_tftp
@@ -52,14 +54,43 @@ def _explain(rt: Runtime, mac: str, arch: str, ipxe: bool) -> str:
                    port.circuit_id.decode(errors="replace") if port else None)
 
 
+async def _join_cluster(config: Config, metrics: Metrics,
+                        runtime: list[Runtime]) -> EtcdCluster | None:
+    """Cluster mode: a session with etcd, started (and its lease records read, if etcd
+    answers within member_ttl) before the first snapshot is built from them."""
+    if config.cluster is None:
+        return None
+    cluster = EtcdCluster(
+        config.cluster, metrics,
+        lambda: runtime[0].snapshot.directory.leases if runtime else None,
+        address=str(config.server.address), http_port=config.server.http_port)
+    await cluster.start(wait=config.cluster.member_ttl)
+    return cluster
+
+
 async def _serve(config: Config, config_path: Path, store: Store) -> int:
-    rt = Runtime(config_path, config, store, Metrics())
+    metrics = Metrics()
+    runtimes: list[Runtime] = []  # filled below: the cluster session asks for its leases
+    cluster = await _join_cluster(config, metrics, runtimes)
+    try:
+        return await _serve_runtime(config, config_path, store, metrics, cluster, runtimes)
+    finally:
+        if cluster is not None:
+            await cluster.close()
+
+
+async def _serve_runtime(config: Config, config_path: Path, store: Store, metrics: Metrics,
+                         cluster: EtcdCluster | None, runtimes: list[Runtime]) -> int:
+    rt = Runtime(config_path, config, store, metrics,
+                 shared=cluster.leases if cluster is not None else None)
+    runtimes.append(rt)
     live = rt.live
     notifier = Notifier()
     server = config.server  # socket-bound settings: fixed until a restart
     drain = server.drain_timeout
     async with contextlib.AsyncExitStack() as stack:
-        dhcp = DhcpService(lambda: live.current.dhcp, store, rt.metrics, rt.recorder)
+        dhcp = DhcpService(lambda: live.current.dhcp, store, rt.metrics, rt.recorder,
+                           cluster)
         dhcp_endpoints = await open_endpoints(server.interfaces, server.dhcp_port, dhcp)
         for endpoint in dhcp_endpoints:
             stack.callback(endpoint.close)
@@ -75,7 +106,7 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
         await stack.enter_async_context(serve_http(
             admin_app(live.view(lambda s: s.admin), rt.metrics, rt.recorder, rt.reload,
                       Explainer(tuple(ARCH_CODES), lambda *a: _explain(rt, *a)),
-                      rt.approvals),
+                      rt.approvals, cluster.status if cluster is not None else None),
             api=server.api))
 
         def summary() -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -43,6 +44,7 @@ from bootd.http.boot import BootSettings
 from bootd.live import Live
 from bootd.ops.metrics import Metrics
 from bootd.state.approvals import Approvals
+from bootd.state.leases import Lease
 from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 from bootd.tftp.protocol import Limits
@@ -97,9 +99,13 @@ def interface_address(name: str) -> IPv4Address | None:
     return IPv4Address(raw[20:24])
 
 
-def build_directory(inventory: Inventory, store: Store) -> NodeDirectory:
-    """The node directory, with leases and learned MACs read back from the store."""
-    directory = NodeDirectory.build(inventory, store.load_leases(), store.load_learned())
+def build_directory(inventory: Inventory, store: Store,
+                    shared: Callable[[], list[Lease]] | None = None) -> NodeDirectory:
+    """The node directory, with leases and learned MACs read back from the store; in
+    cluster mode (`shared`) the leases are the shared store's."""
+    leases = shared() if shared is not None else store.load_leases()
+    directory = NodeDirectory.build(inventory, leases, store.load_learned(),
+                                    shared=shared is not None)
     if directory.leases is not None:
         log.info("leases restored", count=len(directory.leases),
                  ranges=[str(r) for r in inventory.catch_all.ranges]
@@ -108,10 +114,12 @@ def build_directory(inventory: Inventory, store: Store) -> NodeDirectory:
 
 
 def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
-                   tokens: dict[str, TokenProvider] | None = None) -> Snapshot:
-    """`tokens`: providers to keep (the running ones, when `clusters:` did not change)."""
+                   tokens: dict[str, TokenProvider] | None = None,
+                   shared: Callable[[], list[Lease]] | None = None) -> Snapshot:
+    """`tokens`: providers to keep (the running ones, when `clusters:` did not change);
+    `shared`: cluster mode's lease records."""
     inventory = Inventory(config)
-    directory = build_directory(inventory, store)
+    directory = build_directory(inventory, store, shared)
     server = config.server
     grub = GrubConfigs(directory, config.images, server.http_port)
     addresses = {name: a for name in server.interfaces
@@ -139,12 +147,13 @@ class Runtime:
     that outlives every snapshot (store, recorder, metrics)."""
 
     def __init__(self, config_path: Path, config: Config, store: Store,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, shared: Callable[[], list[Lease]] | None = None) -> None:
         self.config_path = config_path
         self.store = store
         self.metrics = metrics
+        self.shared = shared
         self.hashes = ImageHashes()
-        self.live = Live(build_snapshot(config, store, hashes=self.hashes))
+        self.live = Live(build_snapshot(config, store, hashes=self.hashes, shared=shared))
         self._count_leases(self.live.current)
         self.recorder = Recorder(store, lambda: self.live.current.events, metrics=metrics)
         self.approvals = Approvals(store)
@@ -167,14 +176,18 @@ class Runtime:
                    if getattr(new.server, key) != getattr(old.server, key)]
         if new.tftp.single_port != old.tftp.single_port:
             restart.append("tftp.single_port")
+        if new.cluster != old.cluster:
+            restart.append("cluster")
         new = new.model_copy(update={
             "server": new.server.model_copy(
                 update={key: getattr(old.server, key) for key in RESTART_ONLY}),
             "tftp": new.tftp.model_copy(update={"single_port": old.tftp.single_port}),
+            "cluster": old.cluster,
         })
         kept = dict(self.snapshot.boot.tokens) if new.clusters == old.clusters else None
         try:
-            snapshot = build_snapshot(new, self.store, hashes=self.hashes, tokens=kept)
+            snapshot = build_snapshot(new, self.store, hashes=self.hashes, tokens=kept,
+                                      shared=self.shared)
         except Exception as exc:  # e.g. the store cannot be read: keep what runs
             return self._refuse([f"cannot build the new runtime: {exc}"])
         self.live.swap(snapshot)

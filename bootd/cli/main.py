@@ -1,7 +1,7 @@
 """`bootd` command line: serve the fleet, ask the daemon, and try things out.
 
 Daemon: serve, reload. Fleet and boots: check, explain, nodes, status, approve, promote.
-Diagnosis: probe.
+Diagnosis: probe. Cluster mode: cluster status.
 Demo: lab.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 from bootd import __version__
 from bootd.fleet.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from bootd.fleet.inventory import Inventory, NodeProfile
+from bootd.ops.text import duration
 
 
 def _summary(config: Config, path: str) -> str:
@@ -48,6 +49,13 @@ def _summary(config: Config, path: str) -> str:
         lines.append("  dynamic  none: unknown MACs get no answer")
     lines.append(f"  images   {', '.join(config.images) or '-'}; "
                  f"clusters {', '.join(config.clusters) or '-'}")
+    ha = config.cluster
+    if ha is None:
+        lines.append("  cluster  none: one instance, state in SQLite")
+    else:
+        lines.append(f"  cluster  member {ha.member} on etcd {', '.join(ha.etcd.endpoints)} "
+                     f"(prefix {ha.etcd.prefix}, {'TLS' if ha.etcd.tls else 'plaintext'}), "
+                     f"member_ttl {ha.member_ttl:g}s, takeover after {ha.takeover_after:g}s")
     return "\n".join(lines)
 
 
@@ -441,6 +449,48 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """`bootd cluster status`: this member's view of the cluster, from its admin API."""
+    answer = _ask_daemon("cluster", _api_path(args), "GET", "/api/v1/cluster")
+    if answer is None:
+        return 1
+    code, text = answer
+    if code != 200:
+        print(text.strip(), file=sys.stderr)
+        return 1
+    doc = json.loads(text)
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(format_cluster(doc, time.time()))
+    return 0 if doc["registered"] and doc["etcd"].get("healthy") else 2
+
+
+def format_cluster(doc: dict[str, Any], now: float) -> str:
+    etcd = doc["etcd"]
+    health = (f"healthy, {etcd['latency_ms']} ms, etcd {etcd.get('version')}"
+              if etcd.get("healthy") else f"UNREACHABLE: {etcd.get('error')}")
+    lines = [f"member {doc['member']}: "
+             f"{'registered' if doc['registered'] else 'NOT REGISTERED (allocates nothing)'}"
+             f"; member_ttl {doc['member_ttl']:g}s, takeover after {doc['takeover_after']:g}s",
+             f"etcd {', '.join(etcd['endpoints'])} (prefix {etcd['prefix']}): {health}",
+             f"lease records: {doc['leases']}"]
+    if doc.get("last_error"):
+        lines.append(f"last error: {doc['last_error']}")
+    rows = [("MEMBER", "ADDRESS", "UP", "OWNS")]
+    for m in doc["members"]:
+        rows.append((m["name"] + (" (this)" if m["me"] else ""),
+                     f"{m['address']}:{m['http_port']}", duration(now - float(m["since"])),
+                     str(m["owns_active_leases"])))
+    if len(rows) == 1:
+        lines.append("no live members seen")
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+                  for r in rows]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bootd {__version__}")
@@ -518,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help="admin API (default: server.api from the config)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("cluster", help="cluster mode: members, who owns how many clients, "
+                       "etcd health")
+    p.add_argument("action", choices=["status"])
+    with_config(p)
+    p.add_argument("--api", help="admin API (default: server.api from the config)")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("probe", help="play a PXE client against the boot server on an "
                        "interface (any server: bootd, dnsmasq, ...)")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -43,12 +43,14 @@ class ReloadResult:
 
 
 Reload = Callable[[], ReloadResult]
+ClusterStatus = Callable[[], Awaitable[dict[str, Any]]]
 
 SETTINGS = web.AppKey[View[AdminSettings]]("settings")
 METRICS = web.AppKey("metrics", Metrics)
 RECORDER = web.AppKey[Recorder | None]("recorder")
 RELOAD = web.AppKey[Reload | None]("reload")
 APPROVALS = web.AppKey[Approvals | None]("approvals")
+CLUSTER = web.AppKey[ClusterStatus | None]("cluster")
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
@@ -189,6 +191,16 @@ async def approve(request: web.Request) -> web.Response:
     return web.json_response({"approved": approved})
 
 
+@routes.get("/api/v1/cluster")
+async def cluster_status(request: web.Request) -> web.Response:
+    """Members, liveness, owners, etcd health: `bootd cluster status`."""
+    status = request.app[CLUSTER]
+    if status is None:
+        raise web.HTTPNotFound(text="bootd: not in cluster mode (no `cluster:` in the "
+                                    "config)\n")
+    return web.json_response(await status())
+
+
 @routes.post("/api/v1/reload")
 async def reload_config(request: web.Request) -> web.Response:
     result = _wired(request, RELOAD, "reload")()
@@ -200,7 +212,7 @@ async def reload_config(request: web.Request) -> web.Response:
 def admin_app(settings: View[AdminSettings], metrics: Metrics,
               recorder: Recorder | None = None, reload: Reload | None = None,
               explainer: Explainer | None = None, approvals: Approvals | None = None,
-              ) -> web.Application:
+              cluster: ClusterStatus | None = None) -> web.Application:
     """The admin API, and the status page (bootd.http.page) that draws its answers."""
     app = web.Application()
     app[SETTINGS] = settings
@@ -208,6 +220,7 @@ def admin_app(settings: View[AdminSettings], metrics: Metrics,
     app[RECORDER] = recorder
     app[RELOAD] = reload
     app[APPROVALS] = approvals
+    app[CLUSTER] = cluster
     app.add_routes(routes)
     add_page(app, PageSources(lambda: settings.get().directory, recorder, explainer,
                               asyncio.Event()))
