@@ -1,0 +1,343 @@
+"""Cluster mode with real peers: a 3-member etcd (Debian's etcd-server) and three bootd
+members on one switch, real clients (perfdhcp, udhcpc) on the same segment.
+
+    e1 e2 e3 (etcd 10.78.0.11-13)   b1 b2 b3 (bootd 10.78.0.1-3)   c (clients)
+           \\_____________________ sw: br0 _____________________/
+
+One lab for the module (starting three etcd and three bootd costs seconds); the tests
+run in file order, the destructive ones last.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bootd.fleet.mac import normalize_mac
+from bootd.lab.netlab import NetLab
+from bootd.state.cluster import owner
+from tests.integration.conftest import require
+
+pytestmark = pytest.mark.netns
+
+SUBNET = "10.78.0.0/22"
+MEMBERS = ("b1", "b2", "b3")
+ETCD = ("e1", "e2", "e3")
+TTL = 2.0  # member_ttl: short, so that failover is measured in test time
+RESERVED_MAC = "02:00:00:78:aa:01"
+RESERVED_IP = "10.78.0.50"
+CLIENT_IP = "10.78.0.200"  # perfdhcp's own address: its giaddr
+
+
+def member_ip(name: str) -> str:
+    return f"10.78.0.{name[1]}"
+
+
+def etcd_ip(name: str) -> str:
+    return f"10.78.0.1{name[1]}"
+
+
+ENDPOINTS = ", ".join(f"http://{etcd_ip(e)}:2379" for e in ETCD)
+
+
+@dataclass
+class ClusterLab:
+    lab: NetLab
+    tmp: Path
+    client_ns: str
+    namespaces: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # -- etcd
+
+    def start_etcd(self, name: str) -> None:
+        ip = etcd_ip(name)
+        cluster = ",".join(f"{e}=http://{etcd_ip(e)}:2380" for e in ETCD)
+        log = (self.tmp / f"{name}.log").open("ab")
+        self.procs[name] = self.lab.spawn(self.namespaces[name], [
+            "etcd", "--name", name, "--data-dir", str(self.tmp / f"{name}.etcd"),
+            "--listen-client-urls", f"http://{ip}:2379",
+            "--advertise-client-urls", f"http://{ip}:2379",
+            "--listen-peer-urls", f"http://{ip}:2380",
+            "--initial-advertise-peer-urls", f"http://{ip}:2380",
+            "--initial-cluster", cluster, "--initial-cluster-state", "new",
+            "--heartbeat-interval", "100", "--election-timeout", "1000"],
+            stdout=log, stderr=log)
+
+    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.lab.run(self.client_ns, [
+            "etcdctl", "--endpoints", ENDPOINTS.replace(" ", ""), "--command-timeout=3s",
+            *args], check=check, timeout=20)
+
+    def wait_etcd_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.etcdctl("put", "/health-check", "ok", check=False).returncode == 0:
+                return
+            time.sleep(0.3)
+        logs = "\n".join((self.tmp / f"{e}.log").read_text()[-1500:] for e in ETCD)
+        raise AssertionError(f"etcd did not become healthy:\n{logs}")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        self.lab.stop(self.procs.pop(name), sig)
+
+    # -- bootd
+
+    def config(self, name: str) -> Path:
+        state = self.tmp / name
+        state.mkdir(exist_ok=True)
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(textwrap.dedent(f"""\
+            server: {{interfaces: [srv0], address: {member_ip(name)}, state_dir: {state},
+                     api: {state}/api.sock, drain_timeout: 2s}}
+            network: {{subnet: {SUBNET}, lease_time: 1h}}
+            cluster:
+              member: {name}
+              etcd: {{endpoints: [{ENDPOINTS}], prefix: /bootd/, timeout: 1s}}
+              member_ttl: {TTL}s
+            pools:
+              - name: fixed
+                nodes: [{{name: fixed1, mac: "{RESERVED_MAC}", ip: {RESERVED_IP}}}]
+              - name: any
+                dynamic: {{range: 10.78.1.0-10.78.2.255}}
+            """))
+        return path
+
+    def start_bootd(self, name: str) -> None:
+        self.procs[name] = self.lab.start_bootd(
+            self.namespaces[name], self.config(name), self.log(name),
+            extra=["--log-level", "debug"], timeout=30)
+
+    def log(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
+
+    def events(self, name: str, event: str, since: float = 0.0) -> list[dict[str, object]]:
+        out = []
+        for line in self.log(name).read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("event") == event and _ts(doc) >= since:
+                out.append(doc)
+        return out
+
+    def bootd_cli(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bootd", *args, "-c",
+                               str(self.tmp / f"{name}.yaml")],
+                              capture_output=True, text=True, timeout=30, check=False)
+
+    def metrics(self, name: str, *prefixes: str) -> str:
+        """This member's metric lines that start with one of `prefixes` (diagnostics)."""
+        text = subprocess.run(["curl", "-s", "--unix-socket", str(self.tmp / name / "api.sock"),
+                               "http://bootd/metrics"], capture_output=True, text=True,
+                              timeout=10, check=False).stdout
+        return "\n".join(f"{name} {line}" for line in text.splitlines()
+                         if line.startswith(prefixes) and "_created" not in line)
+
+    def wait_members(self, want: set[str], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        seen: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            seen = {}
+            for name in want:
+                answer = self.bootd_cli(name, "cluster", "status", "-o", "json")
+                if answer.returncode == 0:
+                    doc = json.loads(answer.stdout)
+                    seen[name] = (doc["registered"], sorted(m["name"] for m in doc["members"]))
+            if all(seen.get(n) == (True, sorted(want)) for n in want):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"members never saw each other: {seen}")
+
+    # -- clients
+
+    def udhcpc(self, mac: str, tries: int = 3) -> dict[str, str] | None:
+        self.lab.set_mac(self.client_ns, "cli0", mac)
+        out = self.tmp / f"udhcpc-{time.monotonic_ns()}.env"
+        script = self.tmp / "udhcpc.sh"
+        script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
+        script.chmod(0o755)
+        proc = self.lab.run(self.client_ns, [
+            "udhcpc", "-i", "cli0", "-f", "-q", "-n", "-t", str(tries), "-T", "1", "-A", "1",
+            "-s", str(script)], check=False, timeout=30)
+        if proc.returncode != 0 or not out.exists():
+            return None
+        return dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+
+
+def _ts(doc: dict[str, object]) -> float:
+    stamp = str(doc.get("timestamp", ""))  # 2026-11-27T19:00:00.123456Z
+    try:
+        return (calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+                + float("0" + stamp[19:].rstrip("Z")))
+    except ValueError:
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterLab]:
+    require("etcd", "etcdctl", "perfdhcp", "udhcpc")
+    tmp = tmp_path_factory.mktemp("cluster")
+    with NetLab("bdc") as lab:
+        sw = lab.namespace("sw")
+        lab.bridge(sw, "br0")
+        env = ClusterLab(lab, tmp, lab.namespace("c"))
+        lab.veth(sw, "pc", env.client_ns, "cli0")
+        lab.attach(sw, "pc", "br0")
+        lab.address(env.client_ns, "cli0", f"{CLIENT_IP}/22")
+        for name in (*ETCD, *MEMBERS):
+            ns = env.namespaces[name] = lab.namespace(name)
+            lab.veth(sw, f"p{name}", ns, "srv0")
+            lab.attach(sw, f"p{name}", "br0")
+            lab.address(ns, "srv0", f"{(etcd_ip if name[0] == 'e' else member_ip)(name)}/22")
+        for name in ETCD:
+            env.start_etcd(name)
+        env.wait_etcd_healthy()
+        for name in MEMBERS:
+            env.start_bootd(name)
+        env.wait_members(set(MEMBERS))
+        yield env
+        for name in MEMBERS:
+            if name in env.procs:
+                rc = lab.stop(env.procs.pop(name))
+                tail = env.log(name).read_text()[-3000:]
+                assert rc == 0, f"bootd {name} did not exit cleanly:\n{tail}"
+
+
+def acks_by_member(env: ClusterLab, since: float = 0.0) -> dict[str, list[tuple[str, str]]]:
+    return {name: [(str(e["mac"]), str(e["ip"])) for e in env.events(name, "dhcp ack", since)]
+            for name in MEMBERS}
+
+
+def test_three_members_share_one_range_without_a_duplicate(cluster: ClusterLab) -> None:
+    """500 catch-all clients at once (perfdhcp broadcasts; every member hears every
+    client): each gets an address, no address goes to two clients, and each client is
+    answered by one member only, the one that owns it."""
+    run = cluster.lab.run(cluster.client_ns, [
+        "perfdhcp", "-4", "-l", "cli0", "-r", "250", "-R", "500", "-p", "6",
+        "-b", "mac=02:78:00:00:00:00"], check=False, timeout=60)
+    print("\n".join(cluster.metrics(name, "bootd_cluster_claims_total", "bootd_dhcp_packets",
+                                     "bootd_cluster_claim_seconds_sum",
+                                     "bootd_cluster_claim_seconds_count")
+                     for name in MEMBERS))
+    acks = acks_by_member(cluster)
+    served: dict[str, set[str]] = defaultdict(set)
+    for name, pairs in acks.items():
+        for mac, _ in pairs:
+            served[mac].add(name)
+    holders: dict[str, set[str]] = defaultdict(set)
+    for pairs in acks.values():
+        for mac, ip in pairs:
+            holders[ip].add(mac)
+    assert len(served) >= 450, f"only {len(served)} clients were acked\n{run.stdout[-2000:]}"
+    assert {ip: macs for ip, macs in holders.items() if len(macs) > 1} == {}
+    assert {mac: who for mac, who in served.items() if len(who) > 1} == {}
+    members = list(MEMBERS)
+    wrong = {mac: who for mac, who in served.items() if who != {owner(mac, members)}}
+    assert wrong == {}, "a client was answered by a member that does not own it"
+    per_member = Counter(name for who in served.values() for name in who)
+    assert all(per_member[name] > 80 for name in MEMBERS), per_member
+    # what etcd holds agrees: one record per address, no MAC bound twice
+    listed = cluster.etcdctl("get", "--prefix", "/bootd/leases/").stdout.splitlines()
+    records = [json.loads(v) for v in listed[1::2]]
+    bound = [r["mac"] for r in records if r["state"] == "bound"]
+    assert len(bound) == len(set(bound)) and len(bound) >= len(served)
+    print(f"\ncluster: {len(served)} clients acked; per member {dict(per_member)}")
+
+
+def test_cluster_status_agrees_on_every_member(cluster: ClusterLab) -> None:
+    docs = {}
+    for name in MEMBERS:
+        answer = cluster.bootd_cli(name, "cluster", "status", "-o", "json")
+        assert answer.returncode == 0, answer.stderr
+        docs[name] = json.loads(answer.stdout)
+    for name, doc in docs.items():
+        assert doc["member"] == name and doc["registered"] and doc["etcd"]["healthy"]
+        assert [m["name"] for m in doc["members"]] == list(MEMBERS)
+    owned = [{m["name"]: m["owns_active_leases"] for m in doc["members"]}
+             for doc in docs.values()]
+    assert owned[0] == owned[1] == owned[2] and sum(owned[0].values()) >= 450
+    table = cluster.bootd_cli("b1", "cluster", "status")
+    assert table.returncode == 0, table.stdout + table.stderr
+    assert "b1 (this)" in table.stdout and "registered" in table.stdout
+
+
+def mac_owned_by(member: str, members: list[str], start: int) -> str:
+    for i in range(start, start + 10000):
+        mac = normalize_mac(f"02:78:ff:00:{i >> 8 & 0xff:02x}:{i & 0xff:02x}")
+        if owner(mac, members) == member:
+            return mac
+    raise AssertionError("no MAC found")
+
+
+def test_a_killed_member_hands_its_clients_over(cluster: ClusterLab) -> None:
+    """kill -9 a member: a client it owned is answered by another member once the dead
+    member's etcd lease has expired (member_ttl) plus one client retransmission."""
+    mac = mac_owned_by("b2", list(MEMBERS), 0)
+    assert cluster.udhcpc(mac) is not None
+    cluster.stop("b2", signal.SIGKILL)
+    killed = time.monotonic()
+    newcomer = mac_owned_by("b2", list(MEMBERS), 5000)  # b2's, and never seen before
+    got = cluster.udhcpc(newcomer, tries=int(TTL) + 6)
+    failover = time.monotonic() - killed
+    assert got is not None, "nobody took over the dead member's clients"
+    taker = owner(newcomer, ["b1", "b3"])
+    assert any(str(e["mac"]) == newcomer for e in cluster.events(taker, "dhcp ack"))
+    # and the client the dead member had served keeps its address with the new owner
+    again = cluster.udhcpc(mac)
+    assert again is not None
+    print(f"\ncluster failover after kill -9: {failover:.1f} s (member_ttl {TTL:g} s)")
+    assert failover <= TTL + 3.5
+    cluster.start_bootd("b2")
+    cluster.wait_members(set(MEMBERS))
+
+
+def test_etcd_member_loss_is_invisible_and_etcd_outage_degrades(cluster: ClusterLab) -> None:
+    # one etcd member of three gone: quorum holds, clients see nothing
+    cluster.stop("e3", signal.SIGKILL)
+    assert cluster.udhcpc(mac_owned_by("b1", list(MEMBERS), 20000)) is not None
+    assert cluster.udhcpc(mac_owned_by("b3", list(MEMBERS), 20000)) is not None
+    # all of etcd gone: reserved nodes keep booting from every member, dynamic clients
+    # get nothing
+    cluster.stop("e1", signal.SIGKILL)
+    cluster.stop("e2", signal.SIGKILL)
+    time.sleep(TTL + 1)  # every member's membership lease has lapsed by now
+    before = time.time() - 1
+    reserved = cluster.udhcpc(RESERVED_MAC)
+    assert reserved is not None and reserved["ip"] == RESERVED_IP
+    answered = {name for name in MEMBERS
+                if any(str(e["mac"]) == RESERVED_MAC
+                       for e in cluster.events(name, "dhcp offer", before))}
+    assert answered == set(MEMBERS)
+    stranger = mac_owned_by("b1", list(MEMBERS), 30000)
+    assert cluster.udhcpc(stranger, tries=2) is None
+    status = cluster.bootd_cli("b1", "cluster", "status", "-o", "json")
+    assert status.returncode == 0 and json.loads(status.stdout)["registered"] is False
+    # etcd back: dynamic allocation resumes without restarting bootd
+    for name in ETCD:
+        cluster.start_etcd(name)
+    cluster.wait_etcd_healthy()
+    cluster.wait_members(set(MEMBERS))
+    got = cluster.udhcpc(stranger)
+    assert got is not None
+    assert all(cluster.procs[name].poll() is None for name in MEMBERS)
+
+
+def test_members_stop_cleanly_and_leave_at_once(cluster: ClusterLab) -> None:
+    """SIGTERM: the member exits 0 and deletes its membership key on the way out, so its
+    clients move now rather than after member_ttl."""
+    assert cluster.lab.stop(cluster.procs.pop("b3")) == 0
+    names = cluster.etcdctl("get", "--prefix", "--keys-only", "/bootd/members/").stdout
+    assert "/bootd/members/b3" not in names and "/bootd/members/b1" in names
