@@ -84,6 +84,8 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
     rt = Runtime(config_path, config, store, metrics,
                  shared=cluster.leases if cluster is not None else None)
     runtimes.append(rt)
+    if cluster is not None:
+        cluster.attach(rt.recorder)  # one fleet view: timelines shared through etcd
     live = rt.live
     notifier = Notifier()
     server = config.server  # socket-bound settings: fixed until a restart

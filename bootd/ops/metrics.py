@@ -79,3 +79,6 @@ class Metrics:
             "bootd_cluster_claim_seconds", "One batch's lease writes to etcd",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5),
             registry=self.registry)
+        self.cluster_timeline_writes = Counter(
+            "bootd_cluster_timeline_writes", "Node timelines written to etcd (the shared "
+            "fleet view)", registry=self.registry)

@@ -28,6 +28,12 @@ Theory of operation
    withholds its reply, learns the winner's record and the client asks again.
 6. To make that race rare, each member scans a range for never-used addresses from its
    own slice: member k of n starts k/n of the way in (`fresh_slice`).
+7. The fleet view is shared per node: `PREFIX nodes/KEY` holds the node's last
+   SHARED_ATTEMPTS boot attempts (at most SHARED_EVENTS events), each event naming the
+   member that served it. A member that records an event for a node writes the union of
+   what it knows of that node (compare-and-swap again; a loser merges the winner's and
+   writes the union next time), and every member merges what the others write. Unknown
+   machines without an address (a DISCOVER flood) are not shared.
 """
 
 from __future__ import annotations
@@ -36,13 +42,16 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from types import MappingProxyType
 
 import orjson
 
+from bootd.state.events import STAGES, BootEvent
 from bootd.state.leases import Lease, LeaseState
 
 MEMBERS = "members/"
 LEASES = "leases/"
+NODES = "nodes/"
 
 
 def owner(client: str, members: Sequence[str]) -> str | None:
@@ -79,6 +88,53 @@ class Membership:
         if self.me not in self.members:
             return 0, 1
         return self.members.index(self.me), len(self.members)
+
+
+SHARED_ATTEMPTS = 2
+SHARED_EVENTS = 200
+
+
+def node_key(prefix: str, key: str) -> bytes:
+    return f"{prefix}{NODES}{key}".encode()
+
+
+def node_of(prefix: str, key: bytes) -> str | None:
+    text = key.decode(errors="replace")
+    start = prefix + NODES
+    return text[len(start):] or None if text.startswith(start) else None
+
+
+def encode_timeline(events: list[BootEvent]) -> bytes:
+    return orjson.dumps([e.to_json() for e in events], default=str)
+
+
+def decode_timeline(value: bytes) -> list[BootEvent]:
+    """A node's shared timeline; BadRecord if it is not one."""
+    try:
+        items = orjson.loads(value)
+        if not isinstance(items, list):
+            raise BadRecord("not a list")
+        out = []
+        for item in items:
+            detail = item.get("detail")
+            detail = {} if detail is None else detail
+            if not isinstance(detail, dict):
+                raise BadRecord("detail is not an object")
+            if item["stage"] not in STAGES:  # stages become labels and page colours
+                raise BadRecord(f"unknown stage {item['stage']!r}")
+            out.append(BootEvent(float(item["ts"]), str(item["stage"]), _text(item["node"]),
+                                 _text(item.get("mac")), _text(item.get("ip")),
+                                 _text(item.get("pool")), str(item.get("outcome", "ok")),
+                                 MappingProxyType(detail)))
+        return out
+    except BadRecord:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as exc:
+        raise BadRecord(f"timeline: {exc}") from exc
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def member_key(prefix: str, member: str) -> bytes:

@@ -23,6 +23,13 @@ Theory of operation
    what the mirror holds is one of our own writes coming back, and is skipped.
 5. Transitions are logged once each ("cluster registered", "cluster session lost"), not
    per packet; the DHCP path reads `membership()` once per batch.
+6. Node timelines (cluster rule 7): the recorder names each node with news; every
+   SHARE_INTERVAL the session writes those nodes' timelines, SHARE_CHUNK to a
+   transaction, each compared with the revision last seen (a lost race merges the other
+   member's timeline and the node is written again next time). Watch events and the
+   session's first read are merged into the recorder; a node this member knows more of
+   than etcd holds is written. While etcd is away the names pile up (a set, one entry a
+   node) and are written when a session starts.
 
 Client: aetcd (asyncio over grpc.aio), chosen after a spike against Debian's etcd 3.4
 (put/get, compare-and-swap transactions, leases and watches all worked; `etcetra` could
@@ -53,22 +60,33 @@ from bootd.fleet.config import MembershipConfig
 from bootd.ops.metrics import Metrics
 from bootd.state.cluster import (
     LEASES,
+    NODES,
+    SHARED_ATTEMPTS,
+    SHARED_EVENTS,
     BadRecord,
     Membership,
     StoredLease,
     decode_lease,
+    decode_timeline,
     encode_lease,
+    encode_timeline,
     lease_key,
     member_key,
     member_of,
+    node_key,
+    node_of,
     owner,
 )
+from bootd.state.events import BootEvent
 from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, RangeLeases
+from bootd.state.recorder import Recorder
 
 log = structlog.get_logger("bootd.cluster")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 2.0
 CLAIM_CHUNK = 64  # addresses per transaction: etcd refuses more than 128 operations
+SHARE_INTERVAL = 0.25  # seconds between writes of the nodes with news (cluster rule 7)
+SHARE_CHUNK = 32  # node timelines per transaction
 
 
 class _Client(aetcd.Client):  # type: ignore[misc]
@@ -164,6 +182,11 @@ class EtcdCluster:
         self._last_error: str | None = None
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # rule 6: the recorder (attached once the runtime exists), nodes with news, and
+        # the timelines read at the session's start before it was attached
+        self._recorder: Recorder | None = None
+        self._news: set[str] = set()
+        self._unmerged: dict[str, list[BootEvent]] = {}
 
     # -- what the DHCP path and the rest of the daemon ask
 
@@ -277,6 +300,83 @@ class EtcdCluster:
             "etcd": etcd,
         }
 
+    def attach(self, recorder: Recorder) -> None:
+        """Share the fleet view through this recorder (rule 6)."""
+        recorder.member = self.me
+        recorder.on_record = self._note
+        self._recorder = recorder
+        self._merge_all(self._unmerged)
+        self._unmerged = {}
+
+    def _note(self, key: str) -> None:
+        self._news.add(key)  # not bound once: `_share` swaps the set
+
+    def _merge_all(self, timelines: dict[str, list[BootEvent]]) -> None:
+        """Timelines read whole from etcd: merged, and every node this member knows more
+        of (or etcd knows nothing of) is written."""
+        recorder = self._recorder
+        if recorder is None:
+            self._unmerged = timelines
+            return
+        for key, events in timelines.items():
+            _, ours_only = recorder.merge(key, events)
+            if ours_only:
+                self._news.add(key)
+        self._news.update(k for k in recorder.shareable() if k not in timelines)
+
+    async def _share(self, client: _Client) -> None:
+        """Rule 6: write the timelines of the nodes with news, for as long as the session
+        lasts."""
+        while True:
+            await asyncio.sleep(SHARE_INTERVAL)
+            recorder = self._recorder
+            if recorder is None or not self._news:
+                continue
+            news, self._news = sorted(self._news), set()
+            for start in range(0, len(news), SHARE_CHUNK):
+                chunk = news[start:start + SHARE_CHUNK]
+                try:
+                    await asyncio.wait_for(self._share_chunk(client, recorder, chunk),
+                                           self.config.etcd.timeout)
+                except BaseException:
+                    self._news.update(news[start:])  # written by the next session
+                    raise
+
+    async def _share_chunk(self, client: _Client, recorder: Recorder,
+                           keys: list[str]) -> None:
+        tx = client.transactions
+        names = [node_key(self.prefix, key) for key in keys]
+        values = [encode_timeline(recorder.timeline(key, SHARED_ATTEMPTS, SHARED_EVENTS))
+                  for key in keys]
+        succeeded, responses = await client.transaction(
+            compare=[tx.mod(name) == self._seen.get(name, 0) for name in names],
+            success=[tx.put(name, value) for name, value in zip(names, values, strict=True)],
+            failure=[tx.get(name) for name in names])
+        if succeeded:
+            for name, response in zip(names, responses, strict=True):
+                self._seen[name] = response.response_put.header.revision
+            self.metrics.cluster_timeline_writes.inc(len(keys))
+            return
+        for key, name, found in zip(keys, names, responses, strict=True):
+            if found:
+                value, meta = found[0]
+                self._seen[name] = meta.mod_revision
+                self._merge_one(key, value)
+            self._news.add(key)  # the union goes out next time
+
+    def _merge_one(self, key: str, value: bytes) -> None:
+        try:
+            events = decode_timeline(value)
+        except BadRecord as exc:
+            log.warning("cluster: skipping a node timeline", node=key, error=str(exc))
+            return
+        if self._recorder is None:
+            self._unmerged[key] = events
+            return
+        _, ours_only = self._recorder.merge(key, events)
+        if ours_only:
+            self._news.add(key)
+
     # -- the session (rule 1)
 
     async def start(self, wait: float) -> None:
@@ -335,14 +435,16 @@ class EtcdCluster:
         watch = await asyncio.wait_for(client.watch_prefix(
             self.prefix.encode(), start_revision=snapshot.header.revision + 1), timeout)
         follower = asyncio.create_task(self._follow(watch))
+        sharer = asyncio.create_task(self._share(client))
         self._alive_until = renewed + ttl
         self._registered()
         try:
             while True:
                 await asyncio.sleep(ttl / 3)
-                if follower.done():
-                    follower.result()  # raises what ended the watch
-                    raise SessionLost("the watch ended")
+                for task in (follower, sharer):
+                    if task.done():
+                        task.result()  # raises what ended it
+                        raise SessionLost("the watch ended")
                 asked = time.monotonic()
                 reply = await asyncio.wait_for(grant.refresh(), timeout)
                 if reply is None or reply.TTL <= 0:
@@ -351,9 +453,10 @@ class EtcdCluster:
         finally:
             self._alive_until = 0.0
             self._publish()
-            follower.cancel()
-            with contextlib.suppress(BaseException):
-                await follower
+            for task in (follower, sharer):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _load(self, snapshot: Any) -> None:
         """Everything under the prefix at one revision: members, and every lease record
@@ -361,10 +464,20 @@ class EtcdCluster:
         members: dict[str, MemberInfo] = {}
         mirror: dict[IPv4Address, tuple[StoredLease | None, int]] = {}
         seen: dict[bytes, int] = {}
+        timelines: dict[str, list[BootEvent]] = {}
         for kv in snapshot:
             name = member_of(self.prefix, kv.key)
             if name is not None:
                 members[name] = _member_info(name, kv.value)
+                continue
+            node = node_of(self.prefix, kv.key)
+            if node is not None:
+                seen[kv.key] = kv.mod_revision
+                try:
+                    timelines[node] = decode_timeline(kv.value)
+                except BadRecord as exc:
+                    log.warning("cluster: skipping a node timeline", node=node,
+                                error=str(exc))
                 continue
             try:
                 stored = decode_lease(self.prefix, kv.key, kv.value)
@@ -381,11 +494,12 @@ class EtcdCluster:
             for ip, (found, _) in mirror.items():
                 table.apply_remote(ip, found.lease if found is not None else None)
         self._members, self._mirror, self._seen = members, mirror, seen
+        self._merge_all(timelines)
         self._loaded.set()
 
     async def _follow(self, watch: Any) -> None:
         prefix = self.prefix
-        leases = (prefix + LEASES).encode()
+        leases, nodes = (prefix + LEASES).encode(), (prefix + NODES).encode()
         async for event in watch:
             key = event.kv.key
             deleted = event.kind == aetcd.EventKind.DELETE
@@ -396,6 +510,12 @@ class EtcdCluster:
                 else:
                     self._members[name] = _member_info(name, event.kv.value)
                 self._publish()
+            elif key.startswith(nodes):
+                revision = event.kv.mod_revision
+                if deleted or self._seen.get(key, 0) >= revision:
+                    continue
+                self._seen[key] = revision
+                self._merge_one(key[len(nodes):].decode(errors="replace"), event.kv.value)
             elif key.startswith(leases):
                 revision = event.kv.mod_revision
                 if self._seen.get(key, 0) >= revision:

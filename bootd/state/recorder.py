@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -41,6 +42,7 @@ from bootd.state.events import (
     BootEvent,
     NodeState,
     derive,
+    split_attempts,
     starts_attempt,
 )
 from bootd.state.store import Store
@@ -97,6 +99,10 @@ class Recorder:
         self.version = 0
         self._changed: dict[str, int] = {}
         self._derived: dict[str, tuple[tuple[int, float], NodeState]] = {}
+        # cluster mode: this member's name goes into each event it records (`served_by`),
+        # and `on_record` hears which node has news to share with the other members
+        self.member: str | None = None
+        self.on_record: Callable[[str], None] | None = None
 
     def load(self, known: Iterable[str] = ()) -> int:
         """Rebuild histories from the store (after a restart); returns events loaded.
@@ -127,6 +133,9 @@ class Recorder:
     def record(self, event: BootEvent, transient: bool = False) -> None:
         """`transient`: about a machine bootd does not know that has no address (yet);
         see the module's docstring."""
+        if self.member is not None:
+            event = replace(event, detail=MappingProxyType({**event.detail,
+                                                            "served_by": self.member}))
         key = event.key
         if not transient:
             self._transient.pop(key, None)
@@ -151,6 +160,49 @@ class Recorder:
         self.version += 1
         self._pending.append((event, h.number, self.version))
         self._changed[key] = self.version
+        if self.on_record is not None and key not in self._transient:
+            self.on_record(key)
+
+    # -- cluster mode: the same node seen by several members
+
+    def timeline(self, key: str, attempts: int, limit: int) -> list[BootEvent]:
+        """The node's last `attempts` attempts, at most `limit` events (the newest): what
+        this member shares of it."""
+        h = self._nodes.get(key)
+        if h is None:
+            return []
+        events = [e for attempt in list(h.attempts)[-attempts:] for e in attempt]
+        return events[-limit:]
+
+    def merge(self, key: str, events: list[BootEvent]) -> tuple[bool, bool]:
+        """Another member's timeline of node `key`: events not seen here are added (in
+        time order; attempts are split again as `derive` would). Returns (anything
+        added, this member holds events the other timeline lacks). Merged events are not
+        written to this member's store: each member keeps what it recorded, and the
+        shared store holds the union."""
+        h = self._nodes.get(key)
+        local = [e for attempt in h.attempts for e in attempt] if h is not None else []
+        known = {_identity(e) for e in local}
+        theirs = {_identity(e) for e in events}
+        new = [e for e in events if _identity(e) not in known]
+        ours_only = any(_identity(e) not in theirs for e in local)
+        if not new:
+            return False, ours_only
+        self._transient.pop(key, None)
+        policy = self.policy()
+        attempts = split_attempts(local + new, policy.stall_after)
+        first = h.first_attempt if h is not None else 1
+        while len(attempts) > policy.keep_attempts:
+            attempts.pop(0)
+            first += 1
+        self._nodes[key] = _History(first, deque(attempts))
+        self.version += 1
+        self._changed[key] = self.version
+        return True, ours_only
+
+    def shareable(self) -> list[str]:
+        """Nodes worth sharing: every one but the transient."""
+        return [key for key in self._nodes if key not in self._transient]
 
     def _forget(self, key: str) -> None:
         del self._transient[key]
@@ -303,3 +355,8 @@ class Recorder:
             if (state := self.state(wanted)) is not None:
                 return state
         return next((s for s in self.states() if wanted in (s.mac, s.ip, s.name)), None)
+
+
+def _identity(event: BootEvent) -> tuple[float, str, str, str | None]:
+    """One event as every member stores it (its time is the recording member's clock)."""
+    return event.ts, event.stage, event.outcome, event.mac

@@ -274,6 +274,45 @@ def test_cluster_status_agrees_on_every_member(cluster: ClusterLab) -> None:
     assert "b1 (this)" in table.stdout and "registered" in table.stdout
 
 
+def test_one_fleet_view_every_member_shows_every_boot(cluster: ClusterLab) -> None:
+    """`bootd status` answers the same on every member: a client acked by b2 has its
+    whole timeline, with the member that served each step, on b1 and b3 too."""
+    acked_by_b2 = acks_by_member(cluster)["b2"]
+    mac, ip = acked_by_b2[0]
+    deadline = time.monotonic() + 10
+    docs: dict[str, dict[str, object]] = {}
+    while time.monotonic() < deadline:
+        docs = {}
+        for name in ("b1", "b3"):
+            answer = cluster.bootd_cli(name, "status", mac, "-o", "json")
+            if answer.returncode == 0:
+                docs[name] = json.loads(answer.stdout)
+        if len(docs) == 2:
+            break
+        time.sleep(0.5)
+    assert set(docs) == {"b1", "b3"}, "the other members never heard of the client"
+    for name, doc in docs.items():
+        assert doc["ip"] == ip and doc["stage"] == "dhcp-ack", (name, doc)
+        steps = [step for attempt in doc["history"] for step in attempt["steps"]]
+        assert [s["stage"] for s in steps][-3:] == ["dhcp-discover", "dhcp-offer", "dhcp-ack"]
+        assert {s["detail"].get("served_by") for s in steps} == {"b2"}
+    deadline = time.monotonic() + 10
+    while True:  # the last updates may still be on their way (written every 0.25 s)
+        counts = []
+        for name in MEMBERS:
+            answer = cluster.bootd_cli(name, "status", "-o", "json")
+            assert answer.returncode == 0, answer.stderr
+            nodes = json.loads(answer.stdout)["nodes"]
+            counts.append({n["node"]: n["stage"] for n in nodes})
+        if counts[0] == counts[1] == counts[2] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    differ = {k: [c.get(k) for c in counts] for k in set().union(*counts)
+              if len({c.get(k) for c in counts}) > 1}
+    assert differ == {}
+    assert sum(1 for stage in counts[0].values() if stage == "dhcp-ack") >= 450
+
+
 def mac_owned_by(member: str, members: list[str], start: int) -> str:
     for i in range(start, start + 10000):
         mac = normalize_mac(f"02:78:ff:00:{i >> 8 & 0xff:02x}:{i & 0xff:02x}")

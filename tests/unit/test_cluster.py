@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from hypothesis import given
@@ -28,13 +29,19 @@ from bootd.state.cluster import (
     BadRecord,
     Membership,
     decode_lease,
+    decode_timeline,
     encode_lease,
+    encode_timeline,
     lease_key,
     member_key,
     member_of,
+    node_key,
+    node_of,
     owner,
 )
+from bootd.state.events import DHCP_ACK, DHCP_DISCOVER, DHCP_OFFER, JOINED, KERNEL, BootEvent
 from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, LeaseState, LeaseTable
+from bootd.state.recorder import EventPolicy, Recorder
 from bootd.state.store import Store
 
 MEMBERS = ["cp1", "cp2", "cp3"]
@@ -303,3 +310,70 @@ def test_deletes_are_claimed_too(tmp_path: Path) -> None:
     t.bind(MACS[0], ip(10), 0.0, 60.0)
     t.bind(MACS[0], ip(11), 1.0, 60.0)
     assert LeaseDeleted(ip(10)) in t.drain_changes()
+
+
+# -- the shared fleet view (cluster rule 7)
+
+def event(ts: float, stage: str, member: str, **detail: object) -> BootEvent:
+    return BootEvent(ts, stage, "n1", "02:00:00:00:00:01", "10.0.0.5", "w", "ok",
+                     MappingProxyType({**detail, "served_by": member}))
+
+
+def recorder() -> Recorder:
+    return Recorder(None, EventPolicy(stall_after=600, keep_attempts=3))
+
+
+def test_timelines_round_trip_and_bad_ones_are_refused() -> None:
+    events = [event(1.0, DHCP_DISCOVER, "cp1", firmware="bios"), event(1.5, DHCP_ACK, "cp1")]
+    assert decode_timeline(encode_timeline(events)) == events
+    assert node_key("/bootd/", "n1") == b"/bootd/nodes/n1"
+    assert node_of("/bootd/", b"/bootd/nodes/n1") == "n1"
+    assert node_of("/bootd/", b"/bootd/leases/10.0.0.1") is None
+    for bad in (b"{}", b"nope", b'[{"ts": 1}]', b'[{"ts": 1, "stage": "hacked", "node": null}]',
+                b'[{"ts": 1, "stage": "dhcp-ack", "node": null, "detail": []}]'):
+        with pytest.raises(BadRecord):
+            decode_timeline(bad)
+
+
+def test_a_member_records_with_its_name_and_hears_of_news() -> None:
+    r = recorder()
+    news: list[str] = []
+    r.member, r.on_record = "cp1", news.append
+    r.record(BootEvent(1.0, DHCP_DISCOVER, None, "02:00:00:00:00:99"), transient=True)
+    r.record(event(2.0, DHCP_DISCOVER, "x"))
+    assert news == ["n1"]  # an unknown machine without an address is not shared
+    [shared] = r.timeline("n1", 2, 100)
+    assert shared.detail["served_by"] == "cp1"
+
+
+def test_merging_another_members_timeline_gives_the_whole_boot() -> None:
+    mine, theirs = recorder(), recorder()
+    for e in (event(1.0, DHCP_DISCOVER, "cp1", firmware="bios"), event(1.1, DHCP_OFFER, "cp1"),
+              event(1.2, DHCP_ACK, "cp1")):
+        mine.record(e)
+    for e in (event(5.0, KERNEL, "cp2"), event(9.0, JOINED, "cp2")):
+        theirs.record(e)
+    added, ours_only = mine.merge("n1", theirs.timeline("n1", 2, 100))
+    assert added and ours_only  # cp2 lacks the DHCP steps: cp1 must write the union
+    state = mine.state("n1")
+    assert state is not None and state.stage == JOINED and state.attempts == 1
+    assert [e.stage for e in mine.timeline("n1", 2, 100)] == [
+        DHCP_DISCOVER, DHCP_OFFER, DHCP_ACK, KERNEL, JOINED]
+    # the union comes back: nothing new, nothing missing
+    assert mine.merge("n1", mine.timeline("n1", 2, 100)) == (False, False)
+    added, ours_only = theirs.merge("n1", mine.timeline("n1", 2, 100))
+    assert added and not ours_only
+    assert theirs.timeline("n1", 2, 100) == mine.timeline("n1", 2, 100)
+
+
+def test_shared_timelines_are_bounded() -> None:
+    r = recorder()
+    for boot in range(5):  # five finished boots
+        r.record(event(100.0 * boot, DHCP_DISCOVER, "cp1", firmware="bios"))
+        r.record(event(100.0 * boot + 9, JOINED, "cp1"))
+    assert len(r.timeline("n1", 2, 100)) == 4  # the last two attempts
+    assert len(r.timeline("n1", 2, 3)) == 3
+    merged = recorder()  # keeps 3 attempts: merging 4 keeps the last 3
+    merged.merge("n1", [*r.timeline("n1", 3, 100),
+                        event(1000.0, DHCP_DISCOVER, "cp2", firmware="bios")])
+    assert [e.ts for e in merged.timeline("n1", 99, 1000)] == [300, 309, 400, 409, 1000]
