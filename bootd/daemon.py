@@ -82,7 +82,8 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
 async def _serve_runtime(config: Config, config_path: Path, store: Store, metrics: Metrics,
                          cluster: EtcdCluster | None, runtimes: list[Runtime]) -> int:
     rt = Runtime(config_path, config, store, metrics,
-                 shared=cluster.leases if cluster is not None else None)
+                 shared=cluster.leases if cluster is not None else None,
+                 peers=cluster.peer_urls if cluster is not None else lambda mac: ())
     runtimes.append(rt)
     if cluster is not None:
         cluster.attach(rt.recorder)  # one fleet view: timelines shared through etcd

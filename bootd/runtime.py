@@ -115,9 +115,10 @@ def build_directory(inventory: Inventory, store: Store,
 
 def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
                    tokens: dict[str, TokenProvider] | None = None,
-                   shared: Callable[[], list[Lease]] | None = None) -> Snapshot:
+                   shared: Callable[[], list[Lease]] | None = None,
+                   peers: Callable[[str], tuple[str, ...]] = lambda mac: ()) -> Snapshot:
     """`tokens`: providers to keep (the running ones, when `clusters:` did not change);
-    `shared`: cluster mode's lease records."""
+    `shared`: cluster mode's lease records; `peers`: the other members' URLs for a MAC."""
     inventory = Inventory(config)
     directory = build_directory(inventory, store, shared)
     server = config.server
@@ -136,7 +137,7 @@ def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
             directory=directory, http_port=server.http_port, images=config.images,
             clusters=config.clusters, tokens=tokens, hashes=hashes, files=files, grub=grub,
             ipxe_attempts=config.ipxe.attempts,
-            ipxe_retry_interval=int(config.ipxe.retry_interval)),
+            ipxe_retry_interval=int(config.ipxe.retry_interval), peers=peers),
         admin=AdminSettings(directory, tokens),
         events=EventPolicy(config.events.stall_after, config.events.keep_attempts),
     )
@@ -147,13 +148,15 @@ class Runtime:
     that outlives every snapshot (store, recorder, metrics)."""
 
     def __init__(self, config_path: Path, config: Config, store: Store,
-                 metrics: Metrics, shared: Callable[[], list[Lease]] | None = None) -> None:
+                 metrics: Metrics, shared: Callable[[], list[Lease]] | None = None,
+                 peers: Callable[[str], tuple[str, ...]] = lambda mac: ()) -> None:
         self.config_path = config_path
         self.store = store
         self.metrics = metrics
-        self.shared = shared
+        self.shared, self.peers = shared, peers
         self.hashes = ImageHashes()
-        self.live = Live(build_snapshot(config, store, hashes=self.hashes, shared=shared))
+        self.live = Live(build_snapshot(config, store, hashes=self.hashes, shared=shared,
+                                        peers=peers))
         self._count_leases(self.live.current)
         self.recorder = Recorder(store, lambda: self.live.current.events, metrics=metrics)
         self.approvals = Approvals(store)
@@ -187,7 +190,7 @@ class Runtime:
         kept = dict(self.snapshot.boot.tokens) if new.clusters == old.clusters else None
         try:
             snapshot = build_snapshot(new, self.store, hashes=self.hashes, tokens=kept,
-                                      shared=self.shared)
+                                      shared=self.shared, peers=self.peers)
         except Exception as exc:  # e.g. the store cannot be read: keep what runs
             return self._refuse([f"cannot build the new runtime: {exc}"])
         self.live.swap(snapshot)

@@ -41,10 +41,13 @@ def base_url(server: str, http_port: int) -> str:
 
 
 def kernel_cmdline(node: NodeProfile, image: ImageConfig, mac: str, url: str,
-                   rootfs_sha256: str | None = None) -> str:
-    """Image cmdline, then the node's merged kernel_args, then what the initramfs needs."""
+                   rootfs_sha256: str | None = None, peers: tuple[str, ...] = ()) -> str:
+    """Image cmdline, then the node's merged kernel_args, then what the initramfs needs.
+    `peers`: cluster mode's other members, tried in order after `url`."""
     parts = image.cmdline.split() + list(node.kernel_args)
     parts += [f"bootd.url={url}", f"bootd.node={node.name}", f"bootd.mac={mac}"]
+    if peers:
+        parts.append(f"bootd.peers={','.join(peers)}")
     if image.rootfs is not None and node.image is not None:
         parts.append(f"bootd.rootfs={url}/images/{node.image}/rootfs")
         if rootfs_sha256:
@@ -57,11 +60,13 @@ def ipxe_generic(url: str) -> str:
 
 
 def ipxe_node(node: NodeProfile, mac: str, image: ImageConfig, url: str,
-              rootfs_sha256: str | None) -> str:
-    """Per-node script; `initrd=initrd` lets EFI kernels find the initrd iPXE loaded."""
-    cmdline = kernel_cmdline(node, image, mac, url, rootfs_sha256) + " initrd=initrd"
+              rootfs_sha256: str | None, peers: tuple[str, ...] = ()) -> str:
+    """Per-node script; `initrd=initrd` lets EFI kernels find the initrd iPXE loaded.
+    `peers`: where the kernel and initrd are fetched from when `url` fails."""
+    cmdline = kernel_cmdline(node, image, mac, url, rootfs_sha256, peers) + " initrd=initrd"
     return _env.get_template("node.ipxe.j2").render(
-        node=node, mac=mac, mac_dashed=mac_dashed(mac), url=url, cmdline=cmdline)
+        node=node, mac=mac, mac_dashed=mac_dashed(mac), url=url, cmdline=cmdline,
+        peers=peers)
 
 
 def ipxe_give_up(what: str, retry_url: str, attempt: int, attempts: int,
@@ -83,12 +88,13 @@ def kubelet_args(node: NodeProfile) -> str:
 
 
 def join_script(node: NodeProfile, mac: str, url: str, cluster: ClusterConfig | None,
-                token: str | None) -> str:
-    """The node's join.sh; it carries the cluster token, so callers must check who asks."""
+                token: str | None, peers: tuple[str, ...] = ()) -> str:
+    """The node's join.sh; it carries the cluster token, so callers must check who asks.
+    `peers`: where its reports go when `url` does not answer."""
     api_endpoint = cluster.api_server.removeprefix("https://") if cluster else ""
     return _env.get_template("join.sh.j2").render(
         node=node, mac=mac, url=url, cluster=cluster, token=token or "",
-        api_endpoint=api_endpoint, kubelet_args=kubelet_args(node))
+        api_endpoint=api_endpoint, kubelet_args=kubelet_args(node), peers=peers)
 
 
 def join_wait_script(node: NodeProfile, mac: str, url: str, poll: float) -> str:

@@ -92,18 +92,21 @@ class BootSettings:
     grub: GrubConfigs
     ipxe_attempts: int
     ipxe_retry_interval: int
+    # cluster mode: the other live members' URLs, in the order a MAC fails over to them
+    peers: Callable[[str], tuple[str, ...]] = field(default=lambda mac: (), compare=False)
     # rendered iPXE scripts of this snapshot, see the module's docstring
-    scripts: dict[tuple[str, str, str, str | None], str] = field(
+    scripts: dict[tuple[str, str, str, str | None, tuple[str, ...]], str] = field(
         default_factory=dict, compare=False, repr=False)
 
     def node_script(self, node: NodeProfile, mac: str, image: ImageConfig, url: str,
                     rootfs_sha: str | None) -> str:
-        key = (node.name, mac, url, rootfs_sha)
+        peers = self.peers(mac)
+        key = (node.name, mac, url, rootfs_sha, peers)
         text = self.scripts.get(key)
         if text is None:
             if len(self.scripts) >= MAX_CACHED_SCRIPTS:  # made-up catch-all MACs: bounded
                 del self.scripts[next(iter(self.scripts))]
-            text = self.scripts[key] = ipxe_node(node, mac, image, url, rootfs_sha)
+            text = self.scripts[key] = ipxe_node(node, mac, image, url, rootfs_sha, peers)
         return text
 
     def domain_for(self, node: NodeProfile) -> str | None:
@@ -435,7 +438,7 @@ async def join(request: web.Request) -> web.Response:
     except AwaitingApproval as wait:
         text = join_wait_script(wait.node, mac, url, wait.poll)
     else:
-        text = join_script(node, mac, url, cluster, token)
+        text = join_script(node, mac, url, cluster, token, _settings(request).peers(mac))
     return web.Response(text=text, content_type="text/x-shellscript",
                         headers={"Cache-Control": "no-store"})
 

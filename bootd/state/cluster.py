@@ -34,6 +34,10 @@ Theory of operation
    what it knows of that node (compare-and-swap again; a loser merges the winner's and
    writes the union next time), and every member merges what the others write. Unknown
    machines without an address (a DISCOVER flood) are not shared.
+8. A node's iPXE script and kernel command line name the other live members too, in
+   `ranked` order for its MAC, after the member serving it, so a node whose server dies
+   mid-boot fetches the rest from the next one (its initramfs and join script try them
+   in that order).
 """
 
 from __future__ import annotations
@@ -63,6 +67,14 @@ def owner(client: str, members: Sequence[str]) -> str | None:
         if score > best_score:
             best, best_score = member, score
     return best
+
+
+def ranked(client: str, members: Sequence[str]) -> list[str]:
+    """Every member in the order it would own `client`: the owner, then the member that
+    owns it once the owner is gone, and so on (the order a node tries servers in)."""
+    tail = b"\0" + client.encode()
+    return sorted(members, reverse=True, key=lambda m: hashlib.blake2b(
+        m.encode() + tail, digest_size=8).digest())
 
 
 @dataclass(frozen=True)

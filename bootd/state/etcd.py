@@ -76,6 +76,7 @@ from bootd.state.cluster import (
     node_key,
     node_of,
     owner,
+    ranked,
 )
 from bootd.state.events import BootEvent
 from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, RangeLeases
@@ -198,6 +199,19 @@ class EtcdCluster:
                               registered, self.config.takeover_after)
             self._view = view
         return view
+
+    def peer_urls(self, mac: str) -> tuple[str, ...]:
+        """The other live members' boot URLs, in the order `mac` would fail over to
+        them (cluster rule 8); none while this member is not registered."""
+        view = self.membership()
+        if not view.registered:
+            return ()
+        out = []
+        for name in ranked(mac, view.members):
+            info = self._members.get(name)
+            if name != self.me and info is not None and info.address and info.http_port:
+                out.append(f"http://{info.address}:{info.http_port}")
+        return tuple(out)
 
     def leases(self) -> list[Lease]:
         """Every lease record in the mirror: what a new snapshot's table starts from."""

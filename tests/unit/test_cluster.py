@@ -38,6 +38,7 @@ from bootd.state.cluster import (
     node_key,
     node_of,
     owner,
+    ranked,
 )
 from bootd.state.events import DHCP_ACK, DHCP_DISCOVER, DHCP_OFFER, JOINED, KERNEL, BootEvent
 from bootd.state.leases import Lease, LeaseChange, LeaseDeleted, LeaseState, LeaseTable
@@ -377,3 +378,10 @@ def test_shared_timelines_are_bounded() -> None:
     merged.merge("n1", [*r.timeline("n1", 3, 100),
                         event(1000.0, DHCP_DISCOVER, "cp2", firmware="bios")])
     assert [e.ts for e in merged.timeline("n1", 99, 1000)] == [300, 309, 400, 409, 1000]
+
+
+def test_failover_order_starts_with_the_owner_and_follows_the_next_owners() -> None:
+    for mac in MACS[:200]:
+        order = ranked(mac, MEMBERS)
+        assert sorted(order) == sorted(MEMBERS) and order[0] == owner(mac, MEMBERS)
+        assert order[1] == owner(mac, [m for m in MEMBERS if m != order[0]])

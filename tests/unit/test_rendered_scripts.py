@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 URL = "http://10.0.0.1:8080"
 TOKEN = "abcdef.0123456789abcdef"
+PEERS = ("http://10.0.0.3:8080", "http://10.0.0.2:8080")
 
 
 def rendered() -> dict[str, str]:
@@ -50,6 +51,10 @@ def rendered() -> dict[str, str]:
                                                       config.network.domain)
             out[f"{key}.meta-data"] = cloud_meta_data(node, mac)
             out[f"{key}.network-config"] = cloud_network_config(node)
+            if key == "generic-g1":  # cluster mode: the other members as fallbacks
+                out[f"{key}-cluster.ipxe"] = ipxe_node(node, mac, image, URL, "0" * 64, PEERS)
+                out[f"{key}-cluster.join.sh"] = join_script(node, mac, URL, cluster, TOKEN,
+                                                            PEERS)
     return out
 
 

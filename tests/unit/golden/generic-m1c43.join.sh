@@ -4,18 +4,23 @@
 set -eu
 
 BOOTD_URL=http://10.0.0.1:8080
+BOOTD_PEERS=""
 NODE_NAME=m1c43
 
 report() {
     # report STAGE MESSAGE: tell bootd how far this node got (best effort)
     body=$(printf '{"stage":"%s","message":"%s"}' "$1" "$(printf '%s' "$2" | tr -d '"\\\n')")
-    if command -v curl >/dev/null 2>&1; then
-        curl -fsS -m 5 -H 'Content-Type: application/json' -d "$body" \
-            "$BOOTD_URL/api/v1/events" >/dev/null 2>&1 || true
-    elif command -v wget >/dev/null 2>&1; then
-        timeout 10 wget -q -O /dev/null --header='Content-Type: application/json' \
-            --post-data="$body" "$BOOTD_URL/api/v1/events" || true
-    fi
+    # shellcheck disable=SC2086 # BOOTD_PEERS is a list of URLs, split on purpose
+    for server in "$BOOTD_URL" $BOOTD_PEERS; do
+        if command -v curl >/dev/null 2>&1; then
+            curl -fsS -m 5 -H 'Content-Type: application/json' -d "$body" \
+                "$server/api/v1/events" >/dev/null 2>&1 && return 0
+        elif command -v wget >/dev/null 2>&1; then
+            timeout 10 wget -q -O /dev/null --header='Content-Type: application/json' \
+                --post-data="$body" "$server/api/v1/events" && return 0
+        fi
+    done
+    return 0
 }
 
 fail() {

@@ -1,0 +1,64 @@
+#!/bin/sh
+# bootd join script for g1 (pool gpu, tags gpu, edge)
+# Generated for 02:00:00:00:03:01; it carries this node's join token: do not share it.
+set -eu
+
+BOOTD_URL=http://10.0.0.1:8080
+BOOTD_PEERS='http://10.0.0.3:8080 http://10.0.0.2:8080'  # cluster mode: tried in order after BOOTD_URL
+NODE_NAME=g1
+
+report() {
+    # report STAGE MESSAGE: tell bootd how far this node got (best effort)
+    body=$(printf '{"stage":"%s","message":"%s"}' "$1" "$(printf '%s' "$2" | tr -d '"\\\n')")
+    # shellcheck disable=SC2086 # BOOTD_PEERS is a list of URLs, split on purpose
+    for server in "$BOOTD_URL" $BOOTD_PEERS; do
+        if command -v curl >/dev/null 2>&1; then
+            curl -fsS -m 5 -H 'Content-Type: application/json' -d "$body" \
+                "$server/api/v1/events" >/dev/null 2>&1 && return 0
+        elif command -v wget >/dev/null 2>&1; then
+            timeout 10 wget -q -O /dev/null --header='Content-Type: application/json' \
+                --post-data="$body" "$server/api/v1/events" && return 0
+        fi
+    done
+    return 0
+}
+
+fail() {
+    report failed "$1"
+    echo "bootd: $1" >&2
+    exit 1
+}
+trap 'fail "join script stopped at line $LINENO"' HUP INT TERM
+
+report join-script "started"
+
+echo "$NODE_NAME" > /etc/hostname
+hostname "$NODE_NAME" 2>/dev/null || true
+if [ -e /usr/share/zoneinfo/Europe/Prague ]; then
+    ln -sf /usr/share/zoneinfo/Europe/Prague /etc/localtime
+    echo Europe/Prague > /etc/timezone
+fi
+mkdir -p /root/.ssh
+chmod 700 /root/.ssh
+cat > /root/.ssh/authorized_keys <<'BOOTD_KEYS'
+ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyForDocs ops
+BOOTD_KEYS
+chmod 600 /root/.ssh/authorized_keys
+modprobe br_netfilter || fail 'modprobe br_netfilter failed'
+modprobe overlay || fail 'modprobe overlay failed'
+modprobe nvidia || fail 'modprobe nvidia failed'
+
+mkdir -p /etc/default
+cat > /etc/default/kubelet <<'BOOTD_KUBELET'
+KUBELET_EXTRA_ARGS='--node-labels=nvidia.com/gpu=true,topology.kubernetes.io/zone=rack1 --register-with-taints=nvidia.com/gpu=present:NoSchedule,edge=true:PreferNoSchedule'
+BOOTD_KUBELET
+
+command -v kubeadm >/dev/null 2>&1 \
+    || fail "kubeadm is not installed in this image (images/build-production-image.sh --kubernetes-repo)"
+report kubeadm "joining https://10.0.0.10:6443"
+kubeadm join 10.0.0.10:6443 \
+    --token abcdef.0123456789abcdef \
+    --discovery-token-ca-cert-hash sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0 \
+    --node-name "$NODE_NAME" \
+    || fail "kubeadm join failed"
+report joined "joined 10.0.0.10:6443"
