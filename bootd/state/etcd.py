@@ -86,6 +86,7 @@ log = structlog.get_logger("bootd.cluster")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 2.0
 CLAIM_CHUNK = 64  # addresses per transaction: etcd refuses more than 128 operations
+CLAIM_LOG_INTERVAL = 60.0
 SHARE_INTERVAL = 0.25  # seconds between writes of the nodes with news (cluster rule 7)
 SHARE_CHUNK = 32  # node timelines per transaction
 
@@ -181,6 +182,7 @@ class EtcdCluster:
         self._view: Membership | None = None
         self._state = "starting"
         self._last_error: str | None = None
+        self._claim_logged = -CLAIM_LOG_INTERVAL
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # rule 6: the recorder (attached once the runtime exists), nodes with news, and
@@ -238,8 +240,17 @@ class EtcdCluster:
                 *(self._claim_chunk(client, items[i:i + CLAIM_CHUNK])
                   for i in range(0, len(items), CLAIM_CHUNK))), self.config.etcd.timeout)
         except (TimeoutError, aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            # a leader election or a lost etcd member: the claims fail and the replies wait
+            # for the client's retransmission; only the keep-alive decides whether this
+            # member is still registered (rule 2), so a blip does not stop allocation
             self.metrics.cluster_claims.labels("failed").inc(len(items))
-            self._trouble(exc)
+            self._last_error = f"claim: {type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            if now - self._claim_logged >= CLAIM_LOG_INTERVAL:
+                self._claim_logged = now
+                log.warning("cluster: lease claims failed; their replies are withheld "
+                            "(logged once a minute)", error=self._last_error,
+                            changes=len(items))
             return False
         self.metrics.cluster_claim_seconds.observe(time.perf_counter() - began)
         won = sum(n for ok, n in results if ok)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import calendar
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -144,7 +145,8 @@ class ClusterLab:
                                "http://bootd/metrics"], capture_output=True, text=True,
                               timeout=10, check=False).stdout
         return "\n".join(f"{name} {line}" for line in text.splitlines()
-                         if line.startswith(prefixes) and "_created" not in line)
+                         if line.startswith(prefixes) and "_created" not in line
+                         and not line.endswith(" 0.0"))
 
     def wait_members(self, want: set[str], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -254,7 +256,18 @@ def test_three_members_share_one_range_without_a_duplicate(cluster: ClusterLab) 
     records = [json.loads(v) for v in listed[1::2]]
     bound = [r["mac"] for r in records if r["state"] == "bound"]
     assert len(bound) == len(set(bound)) and len(bound) >= len(served)
-    print(f"\ncluster: {len(served)} clients acked; per member {dict(per_member)}")
+    lease_versions = [r.get("version") for r in cluster_json(cluster, "/bootd/leases/")]
+    node_versions = [r.get("version") for r in cluster_json(cluster, "/bootd/nodes/")]
+    print(f"\ncluster: {len(served)} clients acked; per member {dict(per_member)}; writes "
+          f"per client: lease {statistics.mean(lease_versions):.2f}, timeline "
+          f"{statistics.mean(node_versions):.2f}")
+
+
+def cluster_json(cluster: ClusterLab, prefix: str) -> list[dict[str, object]]:
+    """Every key under `prefix`, as etcdctl's JSON (with each key's version: its writes)."""
+    out = cluster.etcdctl("get", "--prefix", "-w", "json", prefix).stdout
+    kvs: list[dict[str, object]] = json.loads(out).get("kvs", [])
+    return kvs
 
 
 def test_cluster_status_agrees_on_every_member(cluster: ClusterLab) -> None:
@@ -309,7 +322,12 @@ def test_one_fleet_view_every_member_shows_every_boot(cluster: ClusterLab) -> No
         time.sleep(0.5)
     differ = {k: [c.get(k) for c in counts] for k in set().union(*counts)
               if len({c.get(k) for c in counts}) > 1}
-    assert differ == {}
+    # a catch-all machine that was offered an address but never took it stays with the
+    # member that offered it (not shared: a DISCOVER flood must not reach etcd)
+    local = {k: v for k, v in differ.items()
+             if sorted(map(str, v)) == ["None", "None", "dhcp-offer"]}
+    assert {k: v for k, v in differ.items() if k not in local} == {}
+    assert len(local) < 10
     assert sum(1 for stage in counts[0].values() if stage == "dhcp-ack") >= 450
 
 
