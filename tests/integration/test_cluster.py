@@ -398,3 +398,86 @@ def test_members_stop_cleanly_and_leave_at_once(cluster: ClusterLab) -> None:
     assert cluster.lab.stop(cluster.procs.pop("b3")) == 0
     names = cluster.etcdctl("get", "--prefix", "--keys-only", "/bootd/members/").stdout
     assert "/bootd/members/b3" not in names and "/bootd/members/b1" in names
+
+
+def make_pki(tmp: Path, server_ip: str) -> dict[str, Path]:
+    """A CA, etcd's server certificate for `server_ip` and a client certificate, as
+    kubeadm makes for its etcd (openssl, EC keys)."""
+    files = {name: tmp / name for name in ("ca.crt", "ca.key", "server.crt", "server.key",
+                                          "client.crt", "client.key")}
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-days", "2", "-subj", "/CN=etcd-ca", "-keyout", "ca.key", "-out", "ca.crt")
+    for name, ext in (("server", f"subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (tmp / f"{name}.ext").write_text(ext + "\n")
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-subj", f"/CN=bootd-{name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    return files
+
+
+def test_a_member_talks_to_etcd_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """What a kubeadm control plane's etcd asks of its clients: TLS both ways. Without
+    the client certificate etcd refuses, and the member says so."""
+    require("etcd", "etcdctl", "openssl")
+    ip = "10.79.5.11"
+    pki = make_pki(tmp_path, ip)
+    with NetLab("bdt") as lab:
+        sw = lab.namespace("sw")
+        lab.bridge(sw, "br0")
+        spaces = {}
+        for name, address in (("e", ip), ("m1", "10.79.5.1"), ("m2", "10.79.5.2")):
+            ns = spaces[name] = lab.namespace(name)
+            lab.veth(sw, f"p{name}", ns, "srv0")
+            lab.attach(sw, f"p{name}", "br0")
+            lab.address(ns, "srv0", f"{address}/24")
+        log = (tmp_path / "etcd.log").open("ab")
+        lab.spawn(spaces["e"], [
+            "etcd", "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls",
+            f"https://{ip}:2379", "--advertise-client-urls", f"https://{ip}:2379",
+            "--listen-peer-urls", f"http://{ip}:2380", "--client-cert-auth",
+            "--trusted-ca-file", str(pki["ca.crt"]), "--cert-file", str(pki["server.crt"]),
+            "--key-file", str(pki["server.key"])], stdout=log, stderr=log)
+        members = {}
+        for name, client_cert in (("m1", True), ("m2", False)):
+            state = tmp_path / name
+            state.mkdir()
+            tls = f"ca: {pki['ca.crt']}" + (f", cert: {pki['client.crt']}, key: "
+                                           f"{pki['client.key']}" if client_cert else "")
+            config = tmp_path / f"{name}.yaml"
+            config.write_text(textwrap.dedent(f"""\
+                server: {{interfaces: [srv0], address: 10.79.5.{name[1]}, state_dir: {state},
+                         api: {state}/api.sock, drain_timeout: 1s}}
+                network: {{subnet: 10.79.5.0/24}}
+                cluster:
+                  member: {name}
+                  etcd: {{endpoints: ["https://{ip}:2379"], tls: {{{tls}}}, timeout: 1s}}
+                  member_ttl: 2s
+                pools: [{{name: any, dynamic: {{range: 10.79.5.100-10.79.5.150}}}}]
+                """))
+            members[name] = lab.start_bootd(spaces[name], config, tmp_path / f"{name}.log",
+                                            timeout=30)
+
+        def cluster_status(name: str) -> dict[str, object]:
+            answer = subprocess.run([sys.executable, "-m", "bootd", "cluster", "status", "-o",
+                                     "json", "-c", str(tmp_path / f"{name}.yaml")],
+                                    capture_output=True, text=True, timeout=30, check=False)
+            doc: dict[str, object] = json.loads(answer.stdout)
+            return doc
+
+        deadline = time.monotonic() + 20
+        while not cluster_status("m1")["registered"]:
+            assert time.monotonic() < deadline, (tmp_path / "m1.log").read_text()[-2000:]
+            time.sleep(0.3)
+        doc = cluster_status("m1")
+        assert doc["etcd"]["healthy"] is True  # type: ignore[index]
+        refused = cluster_status("m2")
+        assert refused["registered"] is False and refused["last_error"]
+        assert "cluster session lost" in (tmp_path / "m2.log").read_text()
+        for proc in members.values():
+            assert lab.stop(proc) == 0
