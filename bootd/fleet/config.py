@@ -8,6 +8,7 @@ duplicate MACs/IPs, address plans) are checked here after the structure is sound
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import socket
 from collections.abc import Iterator, Mapping
@@ -654,11 +655,31 @@ def _read(path: Path) -> str:
         raise ConfigError([ConfigIssue(str(path), 0, "", "not UTF-8 text")]) from None
 
 
-def load_config(path: str | Path) -> Config:
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(text: str, file: str, env: Mapping[str, str]) -> str:
+    """`${env:NAME}` -> the environment variable NAME, for what differs per host when one
+    config serves every member of a cluster (a DaemonSet passes the node's name and
+    address). Only this spelling: boot scripts in a config are full of shell's `${X}`.
+    An unset variable is an error at its line, never an empty string."""
+    issues = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for name in dict.fromkeys(_ENV_REF.findall(line)):
+            if name not in env:
+                issues.append(ConfigIssue(file, number, "", f"${{env:{name}}}: the "
+                                          f"environment variable {name} is not set"))
+    if issues:
+        raise ConfigError(issues)
+    return _ENV_REF.sub(lambda m: env[m.group(1)], text)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read, parse and validate a config file and its drop-ins (`<file>.d/*.yaml`, in name
     order: `nodes:` added to the config's pools, as `bootd promote` writes them); raise
-    ConfigError listing every problem, each at its file and line."""
-    text = _read(Path(path))
+    ConfigError listing every problem, each at its file and line. `${env:NAME}` in the
+    main file is replaced from `env` (default: this process's environment)."""
+    text = expand_env(_read(Path(path)), str(path), os.environ if env is None else env)
     dropins = sorted(dropin_dir(path).glob("*.yaml")) if dropin_dir(path).is_dir() else []
     return parse_config(text, str(path), [(str(p), _read(p)) for p in dropins])
 

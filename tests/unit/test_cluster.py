@@ -20,7 +20,7 @@ from bootd.dhcp.decide import DhcpContext, DhcpSettings
 from bootd.dhcp.options import Opt
 from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
 from bootd.dhcp.service import DhcpService
-from bootd.fleet.config import ConfigError, parse_config
+from bootd.fleet.config import ConfigError, expand_env, parse_config
 from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.inventory import Inventory
 from bootd.fleet.mac import mac_to_bytes
@@ -385,3 +385,13 @@ def test_failover_order_starts_with_the_owner_and_follows_the_next_owners() -> N
         order = ranked(mac, MEMBERS)
         assert sorted(order) == sorted(MEMBERS) and order[0] == owner(mac, MEMBERS)
         assert order[1] == owner(mac, [m for m in MEMBERS if m != order[0]])
+
+
+def test_env_references_fill_in_what_differs_per_member() -> None:
+    text = "a: ${env:NODE_NAME}\nb: ${X} stays shell's\nc: ${env:NODE_IP}/${env:NODE_IP}\n"
+    assert expand_env(text, "f.yaml", {"NODE_NAME": "cp1", "NODE_IP": "10.0.0.1"}) == (
+        "a: cp1\nb: ${X} stays shell's\nc: 10.0.0.1/10.0.0.1\n")
+    with pytest.raises(ConfigError) as caught:
+        expand_env(text, "f.yaml", {"NODE_NAME": "cp1"})
+    [issue] = caught.value.issues
+    assert (issue.file, issue.line) == ("f.yaml", 3) and "NODE_IP is not set" in issue.message

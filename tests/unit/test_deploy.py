@@ -17,7 +17,7 @@ from bootd.fleet.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "bootd.service"
-MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("**/*.yaml"))
 
 
 def local_unit(tmp_path: Path) -> Path:
@@ -145,3 +145,31 @@ def test_a_manifest_field_the_translation_does_not_know_fails(tmp_path: Path) ->
             PodRun(manifests, "img", "ns1", tmp_path)
     finally:
         del manifests.pod["hostPID"]
+
+
+def test_the_ha_variant_gives_each_member_its_name_and_address(tmp_path: Path) -> None:
+    """deploy/kubernetes/ha: one ConfigMap for every member; the DaemonSet's environment
+    fills in what differs per host, and the config it makes is a valid cluster member's."""
+    from bootd.fleet.config import ConfigError, load_config
+
+    ha = ROOT / "deploy" / "kubernetes" / "ha"
+    cm = next(d for d in yaml.safe_load_all((ha / "configmap.yaml").read_text())
+              if d["kind"] == "ConfigMap")
+    daemonset = next(yaml.safe_load_all((ha / "daemonset.yaml").read_text()))
+    container = daemonset["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"NODE_NAME": "spec.nodeName", "NODE_IP": "status.hostIP"}
+    path = tmp_path / "bootd.yaml"
+    path.write_text(cm["data"]["bootd.yaml"])
+    with pytest.raises(ConfigError) as missing:
+        load_config(path, env={})
+    assert "NODE_NAME is not set" in str(missing.value)
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        (tmp_path / name).write_text("x")
+    text = path.read_text().replace("/etc/bootd/etcd", str(tmp_path))
+    path.write_text(text)
+    config = load_config(path, env={"NODE_NAME": "cp2", "NODE_IP": "10.0.0.12"})
+    assert config.cluster is not None and config.cluster.member == "cp2"
+    assert str(config.server.address) == "10.0.0.12"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/etc/bootd/etcd" in mounts
