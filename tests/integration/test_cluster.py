@@ -285,6 +285,7 @@ def test_cluster_status_agrees_on_every_member(cluster: ClusterLab) -> None:
     table = cluster.bootd_cli("b1", "cluster", "status")
     assert table.returncode == 0, table.stdout + table.stderr
     assert "b1 (this)" in table.stdout and "registered" in table.stdout
+    print("\n" + table.stdout)
 
 
 def test_one_fleet_view_every_member_shows_every_boot(cluster: ClusterLab) -> None:
