@@ -20,6 +20,7 @@ from bootd.cli.explain import ARCH_CODES, explain
 from bootd.dhcp.service import DhcpService
 from bootd.dhcp.transport import open_endpoints
 from bootd.fleet.config import Config, load_config
+from bootd.fleet.images import image_digests
 from bootd.http.admin import admin_app
 from bootd.http.boot import boot_app
 from bootd.http.page import Explainer
@@ -33,6 +34,8 @@ from bootd.tftp.report import TransferReporter
 from bootd.tftp.server import start_tftp
 
 log = structlog.get_logger("bootd")
+
+IMAGE_ADVERTISE_INTERVAL = 10.0  # seconds between checks of this member's image files
 
 
 async def serve(config_path: Path) -> int:
@@ -83,7 +86,7 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
                          cluster: EtcdCluster | None, runtimes: list[Runtime]) -> int:
     rt = Runtime(config_path, config, store, metrics,
                  shared=cluster.leases if cluster is not None else None,
-                 peers=cluster.peer_urls if cluster is not None else lambda mac: ())
+                 peers=cluster.peer_urls if cluster is not None else lambda mac, image: ())
     runtimes.append(rt)
     if cluster is not None:
         cluster.attach(rt.recorder)  # one fleet view: timelines shared through etcd
@@ -103,6 +106,9 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
         stack.callback(tftp.close)
         flusher = asyncio.create_task(rt.recorder.run_flusher())
         stack.push_async_callback(_cancel_and_wait, flusher)  # flushes what is pending
+        if cluster is not None:
+            advertiser = asyncio.create_task(_advertise_images(rt, cluster))
+            stack.push_async_callback(_cancel_and_wait, advertiser)
         boot_runner = await stack.enter_async_context(serve_http(
             boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder, rt.approvals),
             host="0.0.0.0", port=server.http_port, drain=drain))
@@ -148,6 +154,19 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
             log.warning("tftp transfers cut short by shutdown", count=left)
     log.info("bootd stopped")
     return 0
+
+
+async def _advertise_images(rt: Runtime, cluster: EtcdCluster) -> None:
+    """Cluster mode: tell the other members which image files this member serves, now and
+    whenever a reload or a replaced file changes them (hashes are cached per file
+    version, so an unchanged image costs a stat per file)."""
+    while True:
+        try:
+            await cluster.advertise_images(await image_digests(rt.snapshot.config.images,
+                                                               rt.hashes))
+        except OSError as exc:  # an unreadable image: the next round tries again
+            log.warning("cluster: cannot hash the image files", error=str(exc))
+        await asyncio.sleep(IMAGE_ADVERTISE_INTERVAL)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

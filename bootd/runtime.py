@@ -116,7 +116,8 @@ def build_directory(inventory: Inventory, store: Store,
 def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
                    tokens: dict[str, TokenProvider] | None = None,
                    shared: Callable[[], list[Lease]] | None = None,
-                   peers: Callable[[str], tuple[str, ...]] = lambda mac: ()) -> Snapshot:
+                   peers: Callable[[str, str | None], tuple[str, ...]] = lambda mac, image: (),
+                   ) -> Snapshot:
     """`tokens`: providers to keep (the running ones, when `clusters:` did not change);
     `shared`: cluster mode's lease records; `peers`: the other members' URLs for a MAC."""
     inventory = Inventory(config)
@@ -149,7 +150,8 @@ class Runtime:
 
     def __init__(self, config_path: Path, config: Config, store: Store,
                  metrics: Metrics, shared: Callable[[], list[Lease]] | None = None,
-                 peers: Callable[[str], tuple[str, ...]] = lambda mac: ()) -> None:
+                 peers: Callable[[str, str | None], tuple[str, ...]] = lambda mac, image: (),
+                 ) -> None:
         self.config_path = config_path
         self.store = store
         self.metrics = metrics

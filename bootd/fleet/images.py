@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,19 @@ class ImageHashes:
             del self._done[old]
         self._done[version] = digest
         return digest
+
+
+async def image_digests(images: Mapping[str, ImageConfig], hashes: ImageHashes,
+                        ) -> dict[str, dict[str, str]]:
+    """sha256 of every present file of every image, by image and part (cluster mode
+    compares them between members); a missing file is left out."""
+    out: dict[str, dict[str, str]] = {}
+    for name, image in images.items():
+        parts = {}
+        for part in PARTS:
+            path = image_path(image, part)
+            version = version_of(path) if path is not None else None
+            if version is not None:
+                parts[part] = await hashes.sha256(version)
+        out[name] = parts
+    return out

@@ -92,15 +92,17 @@ class BootSettings:
     grub: GrubConfigs
     ipxe_attempts: int
     ipxe_retry_interval: int
-    # cluster mode: the other live members' URLs, in the order a MAC fails over to them
-    peers: Callable[[str], tuple[str, ...]] = field(default=lambda mac: (), compare=False)
+    # cluster mode: the other live members' URLs, in the order a MAC fails over to them,
+    # of those serving the same files of the image (MAC, image name)
+    peers: Callable[[str, str | None], tuple[str, ...]] = field(
+        default=lambda mac, image: (), compare=False)
     # rendered iPXE scripts of this snapshot, see the module's docstring
     scripts: dict[tuple[str, str, str, str | None, tuple[str, ...]], str] = field(
         default_factory=dict, compare=False, repr=False)
 
     def node_script(self, node: NodeProfile, mac: str, image: ImageConfig, url: str,
                     rootfs_sha: str | None) -> str:
-        peers = self.peers(mac)
+        peers = self.peers(mac, node.image)
         key = (node.name, mac, url, rootfs_sha, peers)
         text = self.scripts.get(key)
         if text is None:
@@ -438,7 +440,8 @@ async def join(request: web.Request) -> web.Response:
     except AwaitingApproval as wait:
         text = join_wait_script(wait.node, mac, url, wait.poll)
     else:
-        text = join_script(node, mac, url, cluster, token, _settings(request).peers(mac))
+        text = join_script(node, mac, url, cluster, token,
+                           _settings(request).peers(mac, node.image))
     return web.Response(text=text, content_type="text/x-shellscript",
                         headers={"Cache-Control": "no-store"})
 

@@ -30,6 +30,12 @@ Theory of operation
    session's first read are merged into the recorder; a node this member knows more of
    than etcd holds is written. While etcd is away the names pile up (a set, one entry a
    node) and are written when a session starts.
+7. Images: each member writes into its membership key the sha256 of every file of every
+   image it serves (`advertise_images`, at start, after a reload and when a file is
+   replaced). A member whose files of an image differ, or who lacks the image, is not
+   named as a fallback to nodes booting that image, is logged once, and shows in
+   `bootd cluster status`: a node never gets a kernel from one build and an initrd from
+   another.
 
 Client: aetcd (asyncio over grpc.aio), chosen after a spike against Debian's etcd 3.4
 (put/get, compare-and-swap transactions, leases and watches all worked; `etcetra` could
@@ -44,8 +50,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 from urllib.parse import urlsplit
@@ -152,6 +158,8 @@ class MemberInfo:
     address: str
     http_port: int
     since: float
+    # image name -> {part: sha256}: what the member serves (rule 7 of this module)
+    images: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 class SessionLost(Exception):
@@ -170,8 +178,10 @@ class EtcdCluster:
         self.me = config.member
         self.metrics = metrics
         self._leases = leases  # the current snapshot's lease table
-        self._info = orjson.dumps({"address": address, "http_port": http_port,
-                                   "since": time.time()})
+        self._identity = {"address": address, "http_port": http_port, "since": time.time()}
+        self._images: dict[str, dict[str, str]] = {}  # what this member serves (rule 7)
+        self._grant: Any = None  # this session's membership lease
+        self._mismatch_logged: set[tuple[str, str, str]] = set()
         self._client: _Client | None = None
         self._members: dict[str, MemberInfo] = {}
         self._mirror: dict[IPv4Address, tuple[StoredLease | None, int]] = {}
@@ -202,18 +212,67 @@ class EtcdCluster:
             self._view = view
         return view
 
-    def peer_urls(self, mac: str) -> tuple[str, ...]:
+    def peer_urls(self, mac: str, image: str | None = None) -> tuple[str, ...]:
         """The other live members' boot URLs, in the order `mac` would fail over to
-        them (cluster rule 8); none while this member is not registered."""
+        them (cluster rule 8); none while this member is not registered. A member whose
+        files of `image` differ from this member's (or who lacks it) is left out, so a
+        node never boots one member's kernel with another's initrd (rule 7)."""
         view = self.membership()
         if not view.registered:
             return ()
+        mine = self._images.get(image) if image is not None else None
         out = []
         for name in ranked(mac, view.members):
             info = self._members.get(name)
-            if name != self.me and info is not None and info.address and info.http_port:
-                out.append(f"http://{info.address}:{info.http_port}")
+            if name == self.me or info is None or not info.address or not info.http_port:
+                continue
+            if mine is not None and info.images.get(image or "") != mine:
+                self._mismatch(name, image or "", info)
+                continue
+            out.append(f"http://{info.address}:{info.http_port}")
         return tuple(out)
+
+    def _mismatch(self, name: str, image: str, info: MemberInfo) -> None:
+        if not info.images:
+            return  # it has not said yet what it serves (just started): left out quietly
+        theirs = info.images.get(image)
+        key = (name, image, repr(sorted(theirs.items())) if theirs else "")
+        if key in self._mismatch_logged:
+            return
+        self._mismatch_logged.add(key)
+        differ = sorted(part for part, digest in self._images.get(image, {}).items()
+                        if (theirs or {}).get(part) != digest)
+        log.warning("cluster: another member serves different files for an image; it is "
+                    "not named as a fallback for nodes booting it", member=name,
+                    image=image, parts=differ if theirs else "missing there")
+
+    async def advertise_images(self, images: dict[str, dict[str, str]]) -> None:
+        """What this member serves, by image and part (sha256): written to its membership
+        key, so the others can tell identical images from different ones."""
+        if images == self._images:
+            return
+        self._images = images
+        client, grant = self._client, self._grant
+        if client is None or grant is None or not self.membership().registered:
+            return  # the next session writes it
+        with contextlib.suppress(Exception):  # a failure here ends no session: retried
+            await asyncio.wait_for(client.put(member_key(self.prefix, self.me),
+                                              self._info(), lease=grant),
+                                   self.config.etcd.timeout)
+
+    def _info(self) -> bytes:
+        return orjson.dumps({**self._identity, "images": self._images})
+
+    def image_differences(self) -> dict[str, list[str]]:
+        """Per other member, the images whose files differ from this member's."""
+        out: dict[str, list[str]] = {}
+        for name, info in self._members.items():
+            if name != self.me:
+                differ = sorted(img for img, parts in self._images.items()
+                                if info.images.get(img) != parts)
+                if differ:
+                    out[name] = differ
+        return out
 
     def leases(self) -> list[Lease]:
         """Every lease record in the mirror: what a new snapshot's table starts from."""
@@ -292,6 +351,7 @@ class EtcdCluster:
         """`bootd cluster status`: members, liveness, owners, etcd health and latency."""
         view = self.membership()
         counts: dict[str, int] = {name: 0 for name in view.members}
+        differences = self.image_differences()
         now = time.time()
         for stored, _ in self._mirror.values():
             if stored is not None and stored.lease.active(now):
@@ -319,7 +379,8 @@ class EtcdCluster:
             "takeover_after": self.config.takeover_after,
             "members": [{"name": name, "address": m.address, "http_port": m.http_port,
                          "since": m.since, "owns_active_leases": counts.get(name, 0),
-                         "me": name == self.me}
+                         "me": name == self.me,
+                         "images_differ": differences.get(name, [])}
                         for name, m in sorted(self._members.items())],
             "leases": sum(1 for stored, _ in self._mirror.values() if stored is not None),
             "etcd": etcd,
@@ -452,8 +513,9 @@ class EtcdCluster:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(old.close(), 1.0)
         grant = await asyncio.wait_for(client.lease(max(1, round(ttl))), timeout)
-        await asyncio.wait_for(client.put(member_key(self.prefix, self.me), self._info,
+        await asyncio.wait_for(client.put(member_key(self.prefix, self.me), self._info(),
                                           lease=grant), timeout)
+        self._grant = grant
         renewed = time.monotonic()
         snapshot = await asyncio.wait_for(client.get_prefix(self.prefix.encode()), timeout)
         self._load(snapshot)
@@ -611,8 +673,11 @@ class EtcdCluster:
 def _member_info(name: str, value: bytes) -> MemberInfo:
     try:
         data = orjson.loads(value)
+        images = data.get("images") or {}
         return MemberInfo(name, str(data.get("address", "")), int(data.get("http_port", 0)),
-                          float(data.get("since", 0.0)))
+                          float(data.get("since", 0.0)),
+                          {str(k): {str(p): str(d) for p, d in v.items()}
+                           for k, v in images.items()})
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         return MemberInfo(name, "", 0, 0.0)
 

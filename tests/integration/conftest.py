@@ -32,6 +32,21 @@ def require(*tools: str) -> None:
             pytest.skip(f"needs {tool}")
 
 
+def udhcpc(lab: NetLab, ns: str, tmp: Path, *extra: str, tries: int = 3,
+           ) -> dict[str, str] | None:
+    """Busybox udhcpc once on `ns`'s cli0: the env its script saw on `bound`, or None."""
+    out = tmp / f"udhcpc-{time.monotonic_ns()}.env"
+    script = tmp / "udhcpc.sh"
+    script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
+    script.chmod(0o755)
+    proc = lab.run(ns, [
+        "udhcpc", "-i", "cli0", "-f", "-q", "-n", "-t", str(tries), "-T", "1", "-A", "1",
+        "-s", str(script), *extra], check=False, timeout=30)
+    if proc.returncode != 0 or not out.exists():
+        return None
+    return dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+
+
 @dataclass
 class Bootd:
     """The daemon under test, as a child process in the server namespace."""
@@ -95,16 +110,7 @@ class DhcpLab:
 
     def udhcpc(self, *extra: str, tries: int = 3) -> dict[str, str] | None:
         """Run busybox udhcpc once; the env its script saw on `bound`, or None."""
-        out = self.tmp / f"udhcpc-{time.monotonic_ns()}.env"
-        script = self.tmp / "udhcpc.sh"
-        script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
-        script.chmod(0o755)
-        proc = self.lab.run(self.client_ns, [
-            "udhcpc", "-i", "cli0", "-f", "-q", "-n", "-t", str(tries), "-T", "1", "-A", "1",
-            "-s", str(script), *extra], check=False, timeout=30)
-        if proc.returncode != 0 or not out.exists():
-            return None
-        return dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+        return udhcpc(self.lab, self.client_ns, self.tmp, *extra, tries=tries)
 
     def dhclient(self, timeout: float = 20) -> dict[str, str] | None:
         """Run ISC dhclient in the foreground until it binds; the env of its BOUND hook."""

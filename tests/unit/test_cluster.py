@@ -395,3 +395,39 @@ def test_env_references_fill_in_what_differs_per_member() -> None:
         expand_env(text, "f.yaml", {"NODE_NAME": "cp1"})
     [issue] = caught.value.issues
     assert (issue.file, issue.line) == ("f.yaml", 3) and "NODE_IP is not set" in issue.message
+
+
+def test_members_serving_other_files_of_an_image_are_not_named_as_fallbacks() -> None:
+    import time as clock
+
+    from structlog.testing import capture_logs
+
+    from bootd.state.etcd import EtcdCluster, MemberInfo
+
+    cfg = parse_config(BASE + "cluster: {member: cp1, etcd: {endpoints: "
+                       "['http://10.0.0.11:2379']}}\n").cluster
+    assert cfg is not None
+    cluster = EtcdCluster(cfg, Metrics(), lambda: None, address="10.0.0.1", http_port=8080)
+    build = {"kernel": "k1", "initrd": "i1", "rootfs": "r1"}
+    cluster._images = {"node": build}
+    cluster._members = {
+        "cp1": MemberInfo("cp1", "10.0.0.1", 8080, 0.0, {"node": build}),
+        "cp2": MemberInfo("cp2", "10.0.0.2", 8080, 0.0, {"node": build}),
+        "cp3": MemberInfo("cp3", "10.0.0.3", 8080, 0.0, {"node": {**build, "initrd": "i2"}}),
+        "cp4": MemberInfo("cp4", "10.0.0.4", 8080, 0.0, {}),  # not said yet
+    }
+    cluster._alive_until = clock.monotonic() + 60
+    mac = MACS[0]
+    order = [m for m in ranked(mac, ["cp1", "cp2", "cp3", "cp4"]) if m != "cp1"]
+    every = tuple(f"http://10.0.0.{m[2]}:8080" for m in order)
+    with capture_logs() as logs:
+        assert cluster.peer_urls(mac, "node") == ("http://10.0.0.2:8080",)
+        cluster.peer_urls(MACS[1], "node")  # logged once, not per script
+    assert [(e["member"], e["parts"]) for e in logs] == [("cp3", ["initrd"])]
+    assert cluster.peer_urls(mac, None) == every  # no image: nothing to compare
+    cluster._images = {}  # this member's digests are not known yet: no judgement
+    assert cluster.peer_urls(mac, "node") == every
+    cluster._images = {"node": build}
+    assert cluster.image_differences() == {"cp3": ["node"], "cp4": ["node"]}
+    cluster._alive_until = 0.0  # unregistered: no peers at all
+    assert cluster.peer_urls(mac, "node") == ()
