@@ -1,10 +1,10 @@
 """Cluster mode with real peers: a 3-member etcd (Debian's etcd-server) and three bootd
 members on one switch, real clients (perfdhcp, udhcpc) on the same segment.
 
-    e1 e2 e3 (etcd 10.78.0.11-13)   b1 b2 b3 (bootd 10.78.0.1-3)   c (clients)
+    e1 e2 e3 (etcd 10.78.0.11-13)   b1 b2 b3 (bootd 10.78.0.1-3)   c (udhcpc), p (perfdhcp)
            \\_____________________ sw: br0 _____________________/
                                         |
-                     rtr (10.78.3.254; dhcrelay to all three members)
+                     rtr (10.78.7.254; dhcrelay to all three members)
                                         |
                      rack 10.79.9.1/24 -- rc (a client in a routed rack)
 
@@ -37,14 +37,15 @@ from tests.integration.conftest import require, udhcpc
 
 pytestmark = pytest.mark.netns
 
-SUBNET = "10.78.0.0/22"
+SUBNET = "10.78.0.0/21"
 MEMBERS = ("b1", "b2", "b3")
 ETCD = ("e1", "e2", "e3")
 TTL = 2.0  # member_ttl: short, so that failover is measured in test time
 RESERVED_MAC = "02:00:00:78:aa:01"
 RESERVED_IP = "10.78.0.50"
-CLIENT_IP = "10.78.0.200"  # perfdhcp's own address: its giaddr
-ROUTER_IP = "10.78.3.254"
+CLIENT_IP = "10.78.0.200"  # udhcpc's namespace (and etcdctl's)
+LOAD_IP = "10.78.0.201"  # perfdhcp's own address: its giaddr
+ROUTER_IP = "10.78.7.254"
 RACK_GATEWAY = "10.79.9.1"
 
 
@@ -127,7 +128,7 @@ class ClusterLab:
               - name: fixed
                 nodes: [{{name: fixed1, mac: "{RESERVED_MAC}", ip: {RESERVED_IP}}}]
               - name: any
-                dynamic: {{ranges: [10.78.1.0-10.78.2.255, 10.79.9.100-10.79.9.199]}}
+                dynamic: {{ranges: [10.78.1.0-10.78.6.255, 10.79.9.100-10.79.9.199]}}
             """))
         return path
 
@@ -189,7 +190,7 @@ class ClusterLab:
         return udhcpc(self.lab, ns, self.tmp, tries=tries)
 
     def perfdhcp(self, *args: str) -> subprocess.Popen[bytes]:
-        return self.lab.spawn(self.client_ns, ["perfdhcp", "-4", "-l", "cli0", *args],
+        return self.lab.spawn(self.namespaces["load"], ["perfdhcp", "-4", "-l", "cli0", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
 
@@ -212,18 +213,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterLab]:
         env = ClusterLab(lab, tmp, lab.namespace("c"))
         lab.veth(sw, "pc", env.client_ns, "cli0")
         lab.attach(sw, "pc", "br0")
-        lab.address(env.client_ns, "cli0", f"{CLIENT_IP}/22")
+        lab.address(env.client_ns, "cli0", f"{CLIENT_IP}/21")
+        # perfdhcp gets a namespace of its own: udhcpc changes cli0's MAC in "c", and the
+        # members' neighbour entries for perfdhcp's address (its giaddr) would go stale
+        load = env.namespaces["load"] = lab.namespace("p")
+        lab.veth(sw, "pp", load, "cli0")
+        lab.attach(sw, "pp", "br0")
+        lab.address(load, "cli0", f"{LOAD_IP}/21")
         for name in (*ETCD, *MEMBERS):
             ns = env.namespaces[name] = lab.namespace(name)
             lab.veth(sw, f"p{name}", ns, "srv0")
             lab.attach(sw, f"p{name}", "br0")
-            lab.address(ns, "srv0", f"{(etcd_ip if name[0] == 'e' else member_ip)(name)}/22")
+            lab.address(ns, "srv0", f"{(etcd_ip if name[0] == 'e' else member_ip)(name)}/21")
         # a routed rack: dhcrelay forwards every request to all three members
         rtr, rack = lab.namespace("rtr"), lab.namespace("rc")
         env.namespaces.update(rtr=rtr, rc=rack)
         lab.veth(sw, "prtr", rtr, "up0")
         lab.attach(sw, "prtr", "br0")
-        lab.address(rtr, "up0", f"{ROUTER_IP}/22")
+        lab.address(rtr, "up0", f"{ROUTER_IP}/21")
         lab.veth(rtr, "rack", rack, "cli0")
         lab.address(rtr, "rack", f"{RACK_GATEWAY}/24")
         lab.run(rtr, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
@@ -256,7 +263,7 @@ def test_three_members_share_one_range_without_a_duplicate(cluster: ClusterLab) 
     """500 catch-all clients at once (perfdhcp broadcasts; every member hears every
     client): each gets an address, no address goes to two clients, and each client is
     answered by one member only, the one that owns it."""
-    run = cluster.lab.run(cluster.client_ns, [
+    run = cluster.lab.run(cluster.namespaces["load"], [
         "perfdhcp", "-4", "-l", "cli0", "-r", "250", "-R", "500", "-p", "6",
         "-b", "mac=02:78:00:00:00:00"], check=False, timeout=60)
     print("\n".join(cluster.metrics(name, "bootd_cluster_claims_total", "bootd_dhcp_packets",
@@ -391,28 +398,30 @@ def test_a_killed_member_hands_its_clients_over(cluster: ClusterLab) -> None:
     mac = mac_owned_by("b2", list(MEMBERS), 0)
     assert cluster.udhcpc(mac) is not None
     # during a perfdhcp run (new clients, 100 exchanges/s): b2 dies 2 s in
-    load = cluster.perfdhcp("-r", "100", "-R", "3000", "-p", "8", "-b",
+    load = cluster.perfdhcp("-r", "100", "-R", "400", "-p", "8", "-b",
                             "mac=02:78:10:00:00:00")
     time.sleep(2)
     cluster.stop("b2", signal.SIGKILL)
     killed_wall, killed = time.time(), time.monotonic()
-    newcomer = mac_owned_by("b2", list(MEMBERS), 5000)  # b2's, and never seen before
-    got = cluster.udhcpc(newcomer, tries=int(TTL) + 6)
+    # meanwhile a client of b2's in the routed rack (perfdhcp has the segment's client
+    # namespace), never seen before, asks through the relay
+    newcomer = mac_owned_by("b2", list(MEMBERS), 5000)
+    got = cluster.udhcpc(newcomer, tries=int(TTL) + 6, ns=cluster.namespaces["rc"])
     failover = time.monotonic() - killed
     assert got is not None, "nobody took over the dead member's clients"
     taker = owner(newcomer, ["b1", "b3"])
     assert any(str(e["mac"]) == newcomer for e in cluster.events(taker, "dhcp ack"))
+    report = load.communicate(timeout=60)[0].decode()
     # and the client the dead member had served keeps its address with the new owner
     again = cluster.udhcpc(mac)
     assert again is not None
-    load.communicate(timeout=60)
     # perfdhcp's clients that b2 owned: the first one answered by the next owner after the
     # kill, and never an address to two clients, across the whole run
     acks = [(e, name) for name in ("b1", "b3") for e in cluster.events(name, "dhcp ack")]
     taken = sorted(_ts(e) - killed_wall for e, _ in acks
                    if _ts(e) > killed_wall and str(e["mac"]).startswith("02:78:10")
                    and owner(str(e["mac"]), list(MEMBERS)) == "b2")
-    assert taken, "no client of the dead member was answered during the run"
+    assert taken, f"no client of the dead member was answered during the run\n{report}"
     holders: dict[str, set[str]] = defaultdict(set)
     for name in MEMBERS:
         for e in cluster.events(name, "dhcp ack"):
@@ -420,7 +429,7 @@ def test_a_killed_member_hands_its_clients_over(cluster: ClusterLab) -> None:
     assert {ip: m for ip, m in holders.items() if len(m) > 1} == {}
     print(f"\ncluster failover after kill -9 (member_ttl {TTL:g} s): during perfdhcp, the "
           f"dead member's first client answered {taken[0]:.1f} s after the kill; a new "
-          f"udhcpc client {failover:.1f} s after it")
+          f"relayed udhcpc client bound {failover:.1f} s after it")
     assert taken[0] <= TTL + 1.5
     assert failover <= TTL + 3.5
     cluster.start_bootd("b2")
@@ -430,7 +439,7 @@ def test_a_killed_member_hands_its_clients_over(cluster: ClusterLab) -> None:
 def test_etcd_member_loss_is_invisible_and_etcd_outage_degrades(cluster: ClusterLab) -> None:
     # one etcd member of three gone during a run, the leader (the worst case: an election)
     leader = cluster.etcd_leader()
-    load = cluster.perfdhcp("-r", "100", "-R", "3000", "-p", "6", "-b",
+    load = cluster.perfdhcp("-r", "100", "-R", "400", "-p", "6", "-b",
                             "mac=02:78:20:00:00:00")
     time.sleep(2)
     cluster.stop(leader, signal.SIGKILL)
@@ -440,7 +449,7 @@ def test_etcd_member_loss_is_invisible_and_etcd_outage_degrades(cluster: Cluster
     completed = received[1] / sent[0] if len(sent) > 1 and sent[0] else 0.0
     print(f"\ncluster: etcd leader {leader} killed during perfdhcp at 100/s: "
           f"{100 * completed:.1f} % of exchanges completed")
-    assert completed > 0.8, out[-1500:]
+    assert completed > 0.7, out[-1500:]  # an election stalls writes for about a second
     # and the other etcd members carry on: clients see nothing now
     assert cluster.udhcpc(mac_owned_by("b1", list(MEMBERS), 20000)) is not None
     assert cluster.udhcpc(mac_owned_by("b3", list(MEMBERS), 20000)) is not None
