@@ -279,7 +279,7 @@ class EtcdConfig(_Model):
     endpoints: list[str] = Field(min_length=1)
     prefix: str = "/bootd/"
     tls: EtcdTlsConfig | None = None
-    timeout: Duration = 2.0  # per request; past it etcd counts as unreachable
+    timeout: Duration = 2.0  # per etcd request (claims, keep-alives, reads)
 
     @field_validator("endpoints")
     @classmethod
