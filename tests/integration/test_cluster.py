@@ -15,6 +15,7 @@ run in file order, the destructive ones last.
 from __future__ import annotations
 
 import calendar
+import itertools
 import json
 import re
 import signal
@@ -443,13 +444,19 @@ def test_etcd_member_loss_is_invisible_and_etcd_outage_degrades(cluster: Cluster
                             "mac=02:78:20:00:00:00")
     time.sleep(2)
     cluster.stop(leader, signal.SIGKILL)
+    killed_wall = time.time()
     out = load.communicate(timeout=60)[0].decode()
     sent = [int(x) for x in re.findall(r"sent packets: (\d+)", out)]
     received = [int(x) for x in re.findall(r"received packets: (\d+)", out)]
     completed = received[1] / sent[0] if len(sent) > 1 and sent[0] else 0.0
+    # the longest time without an ACK from the kill on: etcd's election stalls writes
+    # (measured 1-2 s); a PXE client retransmits after 4 s, so less than that goes unseen
+    acked = sorted(_ts(e) for name in MEMBERS for e in cluster.events(name, "dhcp ack")
+                   if _ts(e) > killed_wall and str(e["mac"]).startswith("02:78:20"))
+    stall = max((b - a for a, b in itertools.pairwise([killed_wall, *acked])), default=99.0)
     print(f"\ncluster: etcd leader {leader} killed during perfdhcp at 100/s: "
-          f"{100 * completed:.1f} % of exchanges completed")
-    assert completed > 0.7, out[-1500:]  # an election stalls writes for about a second
+          f"{100 * completed:.1f} % of exchanges completed, no ACK for {stall:.1f} s")
+    assert acked and stall < 4.0, out[-1500:]
     # and the other etcd members carry on: clients see nothing now
     assert cluster.udhcpc(mac_owned_by("b1", list(MEMBERS), 20000)) is not None
     assert cluster.udhcpc(mac_owned_by("b3", list(MEMBERS), 20000)) is not None
