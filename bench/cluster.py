@@ -280,9 +280,8 @@ def main() -> int:
             NetLab("bcl") as netlab:
         lab = Lab(netlab, Path(d))
         if kea is not None:
-            plan = bench_dhcp.Plan(0)
             for rate in rates:
-                proc = bench_dhcp.start_kea(netlab, lab.ns["kea"], Path(d), _KeaPlan(plan))
+                proc = bench_dhcp.start_kea(netlab, lab.ns["kea"], Path(d), _KeaPlan())
                 time.sleep(0.5)
                 runs.append(lab.perfdhcp(rate, args.seconds, args.clients, "kea (1 server)",
                                          server=KEA_IP))
@@ -329,7 +328,7 @@ def main() -> int:
 class _KeaPlan:
     """bench/dhcp.py's plan, but on this lab's interface and subnet."""
 
-    def __init__(self, plan: object) -> None:
+    def __init__(self) -> None:
         self.relays = 0
         self.relay_namespaces: list[str] = []
 

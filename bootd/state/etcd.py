@@ -543,10 +543,10 @@ class EtcdCluster:
         try:
             while True:
                 await asyncio.sleep(ttl / 3)
-                for task in (follower, sharer):
+                for task, what in ((follower, "the watch"), (sharer, "the timeline writer")):
                     if task.done():
                         task.result()  # raises what ended it
-                        raise SessionLost("the watch ended")
+                        raise SessionLost(f"{what} ended")
                 asked = time.monotonic()
                 reply = await asyncio.wait_for(grant.refresh(), timeout)
                 if reply is None or reply.TTL <= 0:
