@@ -36,7 +36,8 @@ from bootd.fleet.config import Config, ConfigError, load_config
 from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.filetree import FileTree
 from bootd.fleet.grub import GrubConfigs
-from bootd.fleet.images import ImageHashes
+from bootd.fleet.images import ImageCatalog, ImageHashes
+from bootd.fleet.imagestore import ImageStore
 from bootd.fleet.inventory import Inventory
 from bootd.fleet.tokens import TokenProvider, providers
 from bootd.http.admin import AdminSettings, ReloadResult
@@ -100,12 +101,13 @@ def interface_address(name: str) -> IPv4Address | None:
 
 
 def build_directory(inventory: Inventory, store: Store,
-                    shared: Callable[[], list[Lease]] | None = None) -> NodeDirectory:
+                    shared: Callable[[], list[Lease]] | None = None,
+                    images: ImageCatalog | None = None) -> NodeDirectory:
     """The node directory, with leases and learned MACs read back from the store; in
     cluster mode (`shared`) the leases are the shared store's."""
     leases = shared() if shared is not None else store.load_leases()
     directory = NodeDirectory.build(inventory, leases, store.load_learned(),
-                                    shared=shared is not None)
+                                    shared=shared is not None, images=images)
     if directory.leases is not None:
         log.info("leases restored", count=len(directory.leases),
                  ranges=[str(r) for r in inventory.catch_all.ranges]
@@ -121,9 +123,10 @@ def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
     """`tokens`: providers to keep (the running ones, when `clusters:` did not change);
     `shared`: cluster mode's lease records; `peers`: the other members' URLs for a MAC."""
     inventory = Inventory(config)
-    directory = build_directory(inventory, store, shared)
     server = config.server
-    grub = GrubConfigs(directory, config.images, server.http_port)
+    images = ImageStore(server.image_store).catalog(config.images)
+    directory = build_directory(inventory, store, shared, images)
+    grub = GrubConfigs(directory, images, server.http_port)
     addresses = {name: a for name in server.interfaces
                  if (a := interface_address(name)) is not None}
     files = FileTree(config.tftp.root, config.tftp.fallback_dirs, grub)
@@ -135,7 +138,7 @@ def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
         tftp=TftpSettings(files, tftp_limits(config), config.tftp.max_transfers,
                           config.tftp.max_transfers_per_client, directory),
         boot=BootSettings(
-            directory=directory, http_port=server.http_port, images=config.images,
+            directory=directory, http_port=server.http_port, images=images,
             clusters=config.clusters, tokens=tokens, hashes=hashes, files=files, grub=grub,
             ipxe_attempts=config.ipxe.attempts,
             ipxe_retry_interval=int(config.ipxe.retry_interval), peers=peers),

@@ -15,6 +15,7 @@ from bootd.dhcp.outcomes import Exhausted, Offered, UnknownRelay, WrongNetwork
 from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
 from bootd.fleet.config import Config
 from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.imagestore import ImageStore
 from bootd.fleet.inventory import Inventory, NodeProfile, PortId
 from bootd.fleet.mac import mac_to_bytes
 from bootd.fleet.render import base_url, ipxe_node, join_script, kernel_cmdline
@@ -75,6 +76,14 @@ def _layers(config: Config, node: NodeProfile) -> str:
     return " < ".join(parts)
 
 
+def _image_text(config: Config, node: NodeProfile) -> str:
+    if node.image is None:
+        return "-"
+    image = ImageStore(config.server.image_store).catalog(config.images).resolve(
+        node.image, node.pool)
+    return f"{node.image} -> {image.ref}" if image is not None else f"{node.image} (missing)"
+
+
 def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
             relay: IPv4Address | None = None, circuit_id: str | None = None) -> str:
     inventory = Inventory(config)
@@ -95,7 +104,7 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
         f"network   {node.network or '(by the address leased)'}"
         + (f"   port {node.port.relay} {node.port.circuit_id.decode()!r}" if node.port else ""),
         f"merged    {_layers(config, node)}",
-        f"image     {node.image or '-'}   cluster {node.cluster or '-'}",
+        f"image     {_image_text(config, node)}   cluster {node.cluster or '-'}",
         f"labels    {', '.join(f'{k}={v}' for k, v in node.labels.items()) or '-'}",
         f"taints    {', '.join(node.taints) or '-'}",
     ]
@@ -124,7 +133,8 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
         out.append(f"  address {reply.yiaddr}{note}, next-server {reply.siaddr}, "
                    f"boot file {reply.file.decode() or '-'}")
         out += [option_text(code, value) for code, value in reply.options.items()]
-    image = config.images.get(node.image) if node.image else None
+    image = ImageStore(config.server.image_store).catalog(config.images).resolve(
+        node.image, node.pool)
     url = base_url(str(inventory.next_server_for(address)), config.server.http_port)
     out.append("")
     if image is None:

@@ -2,7 +2,8 @@
 
 Output `-o json` is a stable schema: {"now": <unix time>, "nodes": [{"node", "mac", "ip",
 "pool", "network", "stage", "stalled", "since", "first_seen", "last_seen", "attempts", "last_error",
-"last_boot_time"}]}; `bootd status NODE -o json` adds "history": [{"number", "started",
+"last_boot_time", "image" (NAME@VERSION it booted), "desired_image" (what it would boot now),
+"drift"}]}; `bootd status NODE -o json` adds "history": [{"number", "started",
 "outcome", "duration", "steps": [{"stage", "offset", "duration", "outcome", "detail"}]}].
 """
 
@@ -12,6 +13,8 @@ import time
 from typing import Any
 
 from bootd.fleet.config import Config
+from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.imagestore import ImageStore
 from bootd.fleet.inventory import Inventory
 from bootd.ops.text import ago, duration, printable
 from bootd.state.recorder import EventPolicy, Recorder
@@ -32,7 +35,10 @@ def from_database(config: Config) -> tuple[dict[str, Any], Recorder]:
         recorder.load(node.name for node in inventory.nodes)
     finally:
         store.close()
-    return recorder.status_document(inventory.nodes, inventory.network_name), recorder
+    directory = NodeDirectory.build(
+        inventory, images=ImageStore(config.server.image_store).catalog(config.images))
+    return recorder.status_document(inventory.nodes, inventory.network_name,
+                                    desired=directory.desired_image), recorder
 
 
 def _colour(row: dict[str, Any]) -> str:
@@ -61,19 +67,20 @@ def table(answer: dict[str, Any], *, wide: bool, colour: bool, pool: str | None 
     rows.sort(key=_order)
     # a routed fleet: which network each node is on (one network: nothing to tell)
     routed = wide or len({r.get("network") for r in answer["nodes"]} - {None}) > 1
-    header = ["NAME", "MAC", "IP", "POOL", "STAGE", "SINCE", "BOOT TIME", "LAST ERROR"]
+    header = ["NAME", "MAC", "IP", "POOL", "STAGE", "SINCE", "IMAGE", "BOOT TIME",
+              "LAST ERROR"]
     if wide:
-        header[7:7] = ["ATTEMPTS", "FIRST SEEN", "LAST SEEN"]
+        header[8:8] = ["ATTEMPTS", "FIRST SEEN", "LAST SEEN"]
     if routed:
         header[4:4] = ["NETWORK"]
     lines = [header]
     for r in rows:
         stage_text = r["stage"] + (" (stalled)" if r["stalled"] else "")
         cells = [r["node"] or "(unknown)", r["mac"] or "-", r["ip"] or "-", r["pool"] or "-",
-                 stage_text, ago(r["since"], now), duration(r["last_boot_time"]),
-                 r["last_error"] or "-"]
+                 stage_text, ago(r["since"], now), _image_cell(r),
+                 duration(r["last_boot_time"]), r["last_error"] or "-"]
         if wide:
-            cells[7:7] = [str(r["attempts"]), ago(r["first_seen"], now),
+            cells[8:8] = [str(r["attempts"]), ago(r["first_seen"], now),
                           ago(r["last_seen"], now)]
         else:
             cells[-1] = cells[-1][:60]
@@ -92,14 +99,24 @@ def table(answer: dict[str, Any], *, wide: bool, colour: bool, pool: str | None 
         key = "stalled" if r["stalled"] else r["stage"]
         counts[key] = counts.get(key, 0) + 1
     out.append("")
-    out.append(f"{len(rows)} nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    drifted = sum(1 for r in rows if r.get("drift"))
+    out.append(f"{len(rows)} nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+               + (f"; {drifted} not on the image they would boot now (drift)" if drifted
+                  else ""))
     return "\n".join(out)
+
+
+def _image_cell(row: dict[str, Any]) -> str:
+    """What the node runs; with drift, also what it would boot now."""
+    image = row.get("image") or "-"
+    return f"{image} (drift: now {row['desired_image']})" if row.get("drift") else image
 
 
 def timeline(answer: dict[str, Any]) -> str:
     now = float(answer["now"])
     out = [f"{answer['node'] or '(unknown)'}  mac {answer['mac'] or '-'}  ip "
-           f"{answer['ip'] or '-'}  pool {answer['pool'] or '-'}",
+           f"{answer['ip'] or '-'}  pool {answer['pool'] or '-'}  image "
+           f"{answer.get('image') or '-'}",
            f"stage {answer['stage']}{' (stalled)' if answer['stalled'] else ''} since "
            f"{ago(answer['since'], now)}; attempts {answer['attempts']}; last boot "
            f"{duration(answer['last_boot_time'])}; last error {answer['last_error'] or '-'}"]

@@ -7,6 +7,7 @@ duplicate MACs/IPs, address plans) are checked here after the structure is sound
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -149,8 +150,14 @@ class ServerConfig(_Model):
     dhcp_port: int = Field(default=67, ge=1, le=65535)
     api: str = "/run/bootd/api.sock"
     state_dir: Path = Path("/var/lib/bootd")
+    # where `bootd image add` keeps image versions (default: <state_dir>/images)
+    images_dir: Path | None = None
     # on SIGTERM: how long transfers and downloads in flight may take to finish
     drain_timeout: Duration = 30.0
+
+    @property
+    def image_store(self) -> Path:
+        return self.images_dir if self.images_dir is not None else self.state_dir / "images"
 
     @field_validator("api")
     @classmethod
@@ -684,6 +691,19 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     return parse_config(text, str(path), [(str(p), _read(p)) for p in dropins])
 
 
+def image_store_of(path: str | Path, env: Mapping[str, str] | None = None) -> Path:
+    """Where a config keeps its image store, read from its `server:` block alone: `bootd
+    image add` must work while the config names an image that is not stored yet."""
+    text = expand_env(_read(Path(path)), str(path), os.environ if env is None else env)
+    data, source = _document(text, str(path))
+    server = data.get("server") if isinstance(data, dict) else None
+    try:
+        return ServerConfig.model_validate(server).image_store
+    except ValidationError as exc:
+        raise ConfigError([source.issue(("server", *_clean_loc(tuple(e["loc"]), server)),
+                                        e["msg"]) for e in exc.errors()]) from None
+
+
 def _document(text: str, file: str) -> tuple[object, _SourceMap]:
     """A YAML document and where each of its key paths starts."""
     source = _SourceMap(file)
@@ -795,6 +815,31 @@ def _profiles(config: Config) -> Iterator[tuple[Loc, ProfileConfig]]:
             yield ("pools", i, "nodes", j), node
 
 
+def stored_images(root: Path) -> dict[str, set[str]]:
+    """The image store's images and versions (`bootd image add`), read from disk: a
+    profile may name them instead of an `images:` entry."""
+    out: dict[str, set[str]] = {}
+    with contextlib.suppress(OSError):
+        for image in root.iterdir():
+            if image.is_dir() and not image.name.startswith("."):
+                out[image.name] = {v.name for v in image.iterdir()
+                                   if v.is_dir() and not v.name.startswith(".")}
+    return out
+
+
+def _image_problem(ref: str, unmanaged: Mapping[str, ImageConfig],
+                   managed: Mapping[str, set[str]]) -> str | None:
+    name, _, version = ref.partition("@")
+    if name in unmanaged:
+        return (f"image {name!r} is declared by paths (one version): {ref!r} cannot pin "
+                "a version" if version else None)
+    if name not in managed:
+        return f"unknown image {name!r} (not under `images:`, not in the image store)"
+    if version and version not in managed[name]:
+        return f"image {name!r} has no version {version!r} in the image store"
+    return None
+
+
 def cross_check(config: Config) -> list[tuple[Loc, str]]:
     """Checks that need the whole document: references, uniqueness, address plan."""
     errors: list[tuple[Loc, str]] = []
@@ -802,9 +847,14 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
     net_loc: list[Loc] = ([("network",)] if config.network is not None
                           else [("networks", i) for i in range(len(networks))])
 
+    managed = stored_images(config.server.image_store)
+    for name in sorted(set(managed) & set(config.images)):
+        errors.append((("images", name), f"image {name!r} is also in the image store "
+                       f"({config.server.image_store / name}): one name, one kind"))
     for loc, prof in _profiles(config):
-        if prof.image is not None and prof.image not in config.images:
-            errors.append(((*loc, "image"), f"unknown image {prof.image!r}"))
+        if prof.image is not None and (
+                problem := _image_problem(prof.image, config.images, managed)) is not None:
+            errors.append(((*loc, "image"), problem))
         if prof.cluster is not None and prof.cluster not in config.clusters:
             errors.append(((*loc, "cluster"), f"unknown cluster {prof.cluster!r}"))
         tags = prof.tags if isinstance(prof, PoolConfig | NodeConfig) else []

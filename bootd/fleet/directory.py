@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from bootd.fleet.images import ImageCatalog
 from bootd.fleet.inventory import Inventory, NodeProfile, PortId
 from bootd.state.leases import Lease, RangeLeases
 
@@ -47,6 +48,8 @@ class NodeDirectory:
     learned: dict[str, str] = field(default_factory=dict)
     _learned_by_mac: dict[str, str] = field(default_factory=dict)
     _learned_new: list[tuple[str, str]] = field(default_factory=list)
+    # what each node boots now (pointers and pins resolved): for drift in `bootd status`
+    images: ImageCatalog = field(default_factory=lambda: ImageCatalog.of({}))
     # configured MACs as the 6 bytes of chaddr: the flood path's first, cheapest test
     _reserved_raw: frozenset[bytes] = field(default=frozenset(), init=False)
 
@@ -58,7 +61,7 @@ class NodeDirectory:
     @classmethod
     def build(cls, inventory: Inventory, stored: Iterable[Lease] = (),
               learned: Iterable[tuple[str, str]] = (), *, shared: bool = False,
-              ) -> NodeDirectory:
+              images: ImageCatalog | None = None) -> NodeDirectory:
         """A directory with the catch-all ranges' tables, filled from stored leases and
         learned MACs (those of nodes no longer in the config are dropped). `shared`:
         the leases live in a store other members write too (cluster mode), so offers
@@ -70,7 +73,15 @@ class NodeDirectory:
                                  inventory.reserved_ips, durable_offers=shared)
             leases.restore(stored)
         ported = {n.name for n in inventory.nodes if n.port is not None}
-        return cls(inventory, leases, {name: mac for name, mac in learned if name in ported})
+        return cls(inventory, leases, {name: mac for name, mac in learned if name in ported},
+                   images=images if images is not None else ImageCatalog.of({}))
+
+    def desired_image(self, name: str | None, mac: str | None) -> str | None:
+        """The image (NAME@VERSION, or NAME if unmanaged) the node would boot now."""
+        node = self.inventory.named(name) if name else None
+        if node is None and mac:
+            node = self.resolve(mac)
+        return self.images.desired_ref(node.image, node.pool) if node is not None else None
 
     def is_known_raw(self, chaddr: bytes) -> bool:
         """Is this 6-byte hardware address a configured MAC, one learned for a

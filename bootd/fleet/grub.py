@@ -9,12 +9,11 @@ over TFTP and over HTTP alike.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from bootd.fleet.config import ImageConfig
 from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.images import ImageCatalog
 from bootd.fleet.inventory import NodeProfile
 from bootd.fleet.mac import normalize_mac
 from bootd.fleet.render import grub_chain, grub_config, grub_unknown
@@ -25,7 +24,7 @@ _PER_MAC = re.compile(r"^grub\.cfg-01-([0-9a-fA-F]{2}(?:[:-][0-9a-fA-F]{2}){5})$
 @dataclass(frozen=True)
 class GrubConfigs:
     directory: NodeDirectory
-    images: Mapping[str, ImageConfig]
+    images: ImageCatalog
     http_port: int
 
     def __call__(self, rel: str, client: IPv4Address, now: float) -> bytes | None:
@@ -48,6 +47,6 @@ class GrubConfigs:
         return self._render(node, mac, client)
 
     def _render(self, node: NodeProfile, mac: str, client: IPv4Address | None) -> str:
-        image = self.images.get(node.image) if node.image else None
+        image = self.images.resolve(node.image, node.pool)
         server = str(self.directory.inventory.next_server_for(client))
         return grub_config(node, mac, image, server, self.http_port)

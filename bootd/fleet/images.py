@@ -105,3 +105,104 @@ async def image_digests(images: Mapping[str, ImageConfig], hashes: ImageHashes,
                 parts[part] = await hashes.sha256(version)
         out[name] = parts
     return out
+
+
+# ---------------------------------------------------------------------------- versions
+#
+# Theory of operation
+# -------------------
+# An image is either *unmanaged* (paths under `images:` in the config: one version, the
+# files as they are now) or *managed* (imported by `bootd image add` into the image
+# store: immutable versions, each named by its content). The catalog is the pure view a
+# runtime snapshot holds of both:
+#
+# 1. A reference is `NAME` or `NAME@VERSION`. `NAME@VERSION` pins; `NAME` follows the
+#    pool's rollout pointer if it has one, else the image's promoted version.
+# 2. Every URL a node gets names the exact version (`/images/NAME/VERSION/PART`), so a
+#    boot that began before a promote finishes on the version its script named: any
+#    version still in the store is served, not only the current one.
+# 3. A node's image is reported as `NAME@VERSION` (managed) or `NAME` (unmanaged); that
+#    string is what `bootd status` shows and what drift is judged by.
+
+VERSION_LENGTH = 12  # hex characters of the content digest: collisions need ~2^24 versions
+
+
+def version_id(digests: Mapping[str, str], cmdline: str) -> str:
+    """A version's name: derived from its files' sha256 and its command line, so the same
+    build imported twice is the same version."""
+    h = hashlib.sha256()
+    for part in PARTS:
+        if part in digests:
+            h.update(f"{part} {digests[part]}\n".encode())
+    h.update(f"cmdline {cmdline}\n".encode())
+    return h.hexdigest()[:VERSION_LENGTH]
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """The image one node boots: a name, a version (None: unmanaged) and its files."""
+
+    name: str
+    version: str | None
+    files: ImageConfig
+
+    @property
+    def ref(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    @property
+    def url_path(self) -> str:
+        """What follows /images/ in its URLs."""
+        return self.name if self.version is None else f"{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class ImageCatalog:
+    """Every image a snapshot can serve (rules above)."""
+
+    unmanaged: Mapping[str, ImageConfig]
+    versions: Mapping[str, Mapping[str, ImageConfig]]  # managed: name -> version -> files
+    promoted: Mapping[str, str]  # managed name -> promoted version
+    pool_pointers: Mapping[tuple[str, str], str]  # (name, pool) -> version, set by rollouts
+
+    @classmethod
+    def of(cls, unmanaged: Mapping[str, ImageConfig]) -> ImageCatalog:
+        return cls(unmanaged, {}, {}, {})
+
+    def version_for(self, name: str, pool: str | None) -> str | None:
+        """The version `NAME` means for a node of `pool` now."""
+        if pool is not None and (name, pool) in self.pool_pointers:
+            return self.pool_pointers[(name, pool)]
+        return self.promoted.get(name)
+
+    def resolve(self, ref: str | None, pool: str | None) -> BootImage | None:
+        """What a node with `image: ref` in `pool` boots now; None if that is nothing."""
+        if ref is None:
+            return None
+        name, version = split_ref(ref)
+        files = self.unmanaged.get(name)
+        if files is not None:
+            return BootImage(name, None, files) if version is None else None
+        if version is None:
+            version = self.version_for(name, pool)
+        files = self.versions.get(name, {}).get(version or "")
+        return BootImage(name, version, files) if files is not None else None
+
+    def desired_ref(self, ref: str | None, pool: str | None) -> str | None:
+        image = self.resolve(ref, pool)
+        return image.ref if image is not None else None
+
+    def files(self, name: str, version: str | None) -> ImageConfig | None:
+        """An image's files as its URLs name them (any stored version: rule 2)."""
+        if version is None:
+            return self.unmanaged.get(name)
+        return self.versions.get(name, {}).get(version)
+
+    def all_files(self) -> list[ImageConfig]:
+        return [*self.unmanaged.values(),
+                *(files for versions in self.versions.values() for files in versions.values())]

@@ -11,7 +11,8 @@ import shlex
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from bootd.fleet.config import ClusterConfig, ImageConfig
+from bootd.fleet.config import ClusterConfig
+from bootd.fleet.images import BootImage
 from bootd.fleet.inventory import NodeProfile
 from bootd.fleet.mac import mac_dashed
 
@@ -40,16 +41,18 @@ def base_url(server: str, http_port: int) -> str:
     return f"http://{server}:{http_port}"
 
 
-def kernel_cmdline(node: NodeProfile, image: ImageConfig, mac: str, url: str,
+def kernel_cmdline(node: NodeProfile, image: BootImage, mac: str, url: str,
                    rootfs_sha256: str | None = None, peers: tuple[str, ...] = ()) -> str:
     """Image cmdline, then the node's merged kernel_args, then what the initramfs needs.
-    `peers`: cluster mode's other members, tried in order after `url`."""
-    parts = image.cmdline.split() + list(node.kernel_args)
-    parts += [f"bootd.url={url}", f"bootd.node={node.name}", f"bootd.mac={mac}"]
+    `peers`: cluster mode's other members, tried in order after `url`. `bootd.image`
+    names the exact version, which the node's reports carry back (`bootd status`)."""
+    parts = image.files.cmdline.split() + list(node.kernel_args)
+    parts += [f"bootd.url={url}", f"bootd.node={node.name}", f"bootd.mac={mac}",
+              f"bootd.image={image.ref}"]
     if peers:
         parts.append(f"bootd.peers={','.join(peers)}")
-    if image.rootfs is not None and node.image is not None:
-        parts.append(f"bootd.rootfs={url}/images/{node.image}/rootfs")
+    if image.files.rootfs is not None:
+        parts.append(f"bootd.rootfs={url}/images/{image.url_path}/rootfs")
         if rootfs_sha256:
             parts.append(f"bootd.rootfs_sha256={rootfs_sha256}")
     return " ".join(parts)
@@ -59,14 +62,14 @@ def ipxe_generic(url: str) -> str:
     return _env.get_template("boot.ipxe.j2").render(url=url)
 
 
-def ipxe_node(node: NodeProfile, mac: str, image: ImageConfig, url: str,
+def ipxe_node(node: NodeProfile, mac: str, image: BootImage, url: str,
               rootfs_sha256: str | None, peers: tuple[str, ...] = ()) -> str:
     """Per-node script; `initrd=initrd` lets EFI kernels find the initrd iPXE loaded.
     `peers`: where the kernel and initrd are fetched from when `url` fails."""
     cmdline = kernel_cmdline(node, image, mac, url, rootfs_sha256, peers) + " initrd=initrd"
     return _env.get_template("node.ipxe.j2").render(
         node=node, mac=mac, mac_dashed=mac_dashed(mac), url=url, cmdline=cmdline,
-        peers=peers)
+        peers=peers, image=image)
 
 
 def ipxe_give_up(what: str, retry_url: str, attempt: int, attempts: int,
@@ -104,7 +107,7 @@ def join_wait_script(node: NodeProfile, mac: str, url: str, poll: float) -> str:
                                                        poll=max(1, round(poll)))
 
 
-def grub_config(node: NodeProfile, mac: str, image: ImageConfig | None, server: str,
+def grub_config(node: NodeProfile, mac: str, image: BootImage | None, server: str,
                 http_port: int) -> str:
     cmdline = kernel_cmdline(node, image, mac, base_url(server, http_port)) if image else ""
     return _env.get_template("grub.cfg.j2").render(

@@ -36,11 +36,19 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
-from bootd.fleet.config import ClusterConfig, ImageConfig
+from bootd.fleet.config import ClusterConfig
 from bootd.fleet.directory import Holder, NodeDirectory
 from bootd.fleet.filetree import FileTree, Forbidden, NotFound
 from bootd.fleet.grub import GrubConfigs
-from bootd.fleet.images import PARTS, FileVersion, ImageHashes, image_path, version_of
+from bootd.fleet.images import (
+    PARTS,
+    BootImage,
+    FileVersion,
+    ImageCatalog,
+    ImageHashes,
+    image_path,
+    version_of,
+)
 from bootd.fleet.inventory import NodeProfile
 from bootd.fleet.mac import mac_dashed, normalize_mac
 from bootd.fleet.render import (
@@ -69,6 +77,7 @@ log = structlog.get_logger("bootd.http")
 EVENT_MAX_BYTES = 4096
 EVENT_RATE, EVENT_BURST = 5.0, 20.0  # per node: bursts of 20 reports, then 5 a second
 _STAGE = re.compile(r"[a-z][a-z0-9-]{0,31}")  # fullmatch: "failed\n" is not a stage
+_IMAGE_REF = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}(@[0-9a-f]{1,64})?")  # a reported image
 # a kubeadm bootstrap token, wherever it stands (also glued to other word characters)
 _TOKEN_LIKE = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}", re.IGNORECASE)
 _EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-0+\s*")  # "the last 0 bytes": unsatisfiable
@@ -84,7 +93,7 @@ class BootSettings:
 
     directory: NodeDirectory
     http_port: int
-    images: Mapping[str, ImageConfig]
+    images: ImageCatalog
     clusters: Mapping[str, ClusterConfig]
     tokens: Mapping[str, TokenProvider]
     hashes: ImageHashes  # shared across loads: a file version's hash never changes
@@ -93,17 +102,17 @@ class BootSettings:
     ipxe_attempts: int
     ipxe_retry_interval: int
     # cluster mode: the other live members' URLs, in the order a MAC fails over to them,
-    # of those serving the same files of the image (MAC, image name)
+    # of those serving the same files of the image (MAC, image reference)
     peers: Callable[[str, str | None], tuple[str, ...]] = field(
         default=lambda mac, image: (), compare=False)
     # rendered iPXE scripts of this snapshot, see the module's docstring
-    scripts: dict[tuple[str, str, str, str | None, tuple[str, ...]], str] = field(
+    scripts: dict[tuple[str, str, str, str, str | None, tuple[str, ...]], str] = field(
         default_factory=dict, compare=False, repr=False)
 
-    def node_script(self, node: NodeProfile, mac: str, image: ImageConfig, url: str,
+    def node_script(self, node: NodeProfile, mac: str, image: BootImage, url: str,
                     rootfs_sha: str | None) -> str:
-        peers = self.peers(mac, node.image)
-        key = (node.name, mac, url, rootfs_sha, peers)
+        peers = self.peers(mac, image.ref)
+        key = (node.name, mac, image.ref, url, rootfs_sha, peers)
         text = self.scripts.get(key)
         if text is None:
             if len(self.scripts) >= MAX_CACHED_SCRIPTS:  # made-up catch-all MACs: bounded
@@ -127,7 +136,7 @@ class BootSettings:
 
     def image_versions(self) -> list[FileVersion]:
         """The image files present now (hashed in the background at load)."""
-        paths = [image_path(image, part) for image in self.images.values() for part in PARTS]
+        paths = [image_path(files, part) for files in self.images.all_files() for part in PARTS]
         return [v for p in paths if p is not None and (v := version_of(p)) is not None]
 
 
@@ -167,6 +176,11 @@ def _address(text: str) -> IPv4Address | None:
         return IPv4Address(text)
     except ValueError:
         return None
+
+
+def _image_ref(request: web.Request, node: NodeProfile) -> str | None:
+    """The image reference the node would boot now (which peers serve the same files)."""
+    return _settings(request).images.desired_ref(node.image, node.pool)
 
 
 def _holder(settings: BootSettings, request: web.BaseRequest) -> Holder | None:
@@ -228,20 +242,22 @@ async def _node_script(settings: BootSettings, mac: str, request: web.Request,
     if node is None:
         log.warning("http ipxe-script unknown-mac", mac=mac, client=request.remote)
         return give_up(f"{mac} is not in bootd's inventory and there is no catch-all pool")
-    image = settings.images.get(node.image) if node.image else None
+    image = settings.images.resolve(node.image, node.pool)
     if image is None:
-        log.warning("http ipxe-script no-image", **_node_fields(node, mac))
-        return give_up(f"no image is configured for {node.name}")
-    missing = [str(p) for p in (image.kernel, image.initrd) if version_of(p) is None]
+        log.warning("http ipxe-script no-image", **_node_fields(node, mac), image=node.image)
+        return give_up(f"no image is configured for {node.name}" if node.image is None
+                       else f"image {node.image} of {node.name} is not on the server")
+    files = image.files
+    missing = [str(p) for p in (files.kernel, files.initrd) if version_of(p) is None]
     if missing:
         log.error("http ipxe-script image-missing", **_node_fields(node, mac), missing=missing)
-        return give_up(f"image {node.image} for {node.name} is missing on the server: "
+        return give_up(f"image {image.ref} for {node.name} is missing on the server: "
                        + ", ".join(missing))
     rootfs_sha = None
-    if image.rootfs is not None and (version := version_of(image.rootfs)) is not None:
+    if files.rootfs is not None and (version := version_of(files.rootfs)) is not None:
         rootfs_sha = await settings.hashes.sha256(version)
     log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
-    _event(request, events.IPXE_SCRIPT, node, mac, image=node.image)
+    _event(request, events.IPXE_SCRIPT, node, mac, image=image.ref)
     return web.Response(text=settings.node_script(node, mac, image, url, rootfs_sha),
                         content_type="text/plain")
 
@@ -265,39 +281,63 @@ async def beacon(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- files
 
 
-def _image_version(settings: BootSettings, name: str, part: str) -> FileVersion:
-    """The current version of a configured image file, or 404 saying what is wrong."""
-    image = settings.images.get(name)
-    path = image_path(image, part) if image is not None and part in PARTS else None
+def _image_version(settings: BootSettings, name: str, version: str | None,
+                   part: str) -> FileVersion:
+    """The file behind an image URL (`version` None: an unmanaged image), or 404 saying
+    what is wrong."""
+    files = settings.images.files(name, version)
+    path = image_path(files, part) if files is not None and part in PARTS else None
+    what = name if version is None else f"{name}/{version}"
     if path is None:
-        raise web.HTTPNotFound(text=f"no image file {name}/{part}\n")
-    version = version_of(path)
-    if version is None:
-        log.error("http image file missing", image=name, part=part, path=str(path))
-        raise web.HTTPNotFound(text=f"{name}/{part} is configured but {path} is missing\n")
-    return version
+        raise web.HTTPNotFound(text=f"no image file {what}/{part}\n")
+    found = version_of(path)
+    if found is None:
+        log.error("http image file missing", image=what, part=part, path=str(path))
+        raise web.HTTPNotFound(text=f"{what}/{part} is configured but {path} is missing\n")
+    return found
+
+
+async def _sha256_response(request: web.Request, version: str | None) -> web.Response:
+    settings = _settings(request)
+    name, part = request.match_info["image"], request.match_info["part"]
+    digest = await settings.hashes.sha256(_image_version(settings, name, version, part))
+    return web.Response(text=f"{digest}  {part}\n", content_type="text/plain")
+
+
+def _file_response(request: web.Request, version: str | None) -> web.StreamResponse:
+    settings = _settings(request)
+    name, part = request.match_info["image"], request.match_info["part"]
+    found = _image_version(settings, name, version, part)
+    _refuse_empty_suffix(request, lambda: found.size)
+    ref = name if version is None else f"{name}@{version}"
+    response = _ImageResponse(found.path, settings, ref, part, _honour_if_range(request, found))
+    digest = settings.hashes.cached(found)
+    if digest is not None:
+        response.headers["X-Checksum-Sha256"] = digest
+    return response
 
 
 @routes.get("/images/{image}/{part}.sha256")
 async def image_sha256(request: web.Request) -> web.Response:
-    settings = _settings(request)
-    name, part = request.match_info["image"], request.match_info["part"]
-    digest = await settings.hashes.sha256(_image_version(settings, name, part))
-    return web.Response(text=f"{digest}  {part}\n", content_type="text/plain")
+    return await _sha256_response(request, None)
+
+
+@routes.get("/images/{image}/{version}/{part}.sha256")
+async def version_sha256(request: web.Request) -> web.Response:
+    return await _sha256_response(request, request.match_info["version"])
 
 
 @routes.get("/images/{image}/{part}")  # HEAD too
 async def image_file(request: web.Request) -> web.StreamResponse:
-    settings = _settings(request)
-    name, part = request.match_info["image"], request.match_info["part"]
-    version = _image_version(settings, name, part)
-    _refuse_empty_suffix(request, lambda: version.size)
-    response = _ImageResponse(version.path, settings, name, part,
-                              _honour_if_range(request, version))
-    digest = settings.hashes.cached(version)
-    if digest is not None:
-        response.headers["X-Checksum-Sha256"] = digest
-    return response
+    """An unmanaged image's file (declared by path under `images:`)."""
+    return _file_response(request, None)
+
+
+@routes.get("/images/{image}/{version}/{part}")  # HEAD too
+async def version_file(request: web.Request) -> web.StreamResponse:
+    """One version of a managed image: immutable, so a boot finishes on the version its
+    script named whatever is promoted meanwhile."""
+    return _file_response(request, request.match_info["version"])
 
 
 def _refuse_empty_suffix(request: web.Request, size: Callable[[], int]) -> None:
@@ -441,7 +481,7 @@ async def join(request: web.Request) -> web.Response:
         text = join_wait_script(wait.node, mac, url, wait.poll)
     else:
         text = join_script(node, mac, url, cluster, token,
-                           _settings(request).peers(mac, node.image))
+                           _settings(request).peers(mac, _image_ref(request, node)))
     return web.Response(text=text, content_type="text/x-shellscript",
                         headers={"Cache-Control": "no-store"})
 
@@ -503,11 +543,14 @@ async def node_event(request: web.Request) -> web.Response:
         body = json.loads(raw)
         stage = str(body["stage"])
         message = str(body.get("message", ""))[:500]
-    except (ValueError, KeyError, TypeError):
+        image = str(body.get("image") or "") or None
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise web.HTTPBadRequest(
             text='bootd: expected {"stage": ..., "message": ...}\n') from None
     if not _STAGE.fullmatch(stage):
         raise web.HTTPBadRequest(text=f"bootd: bad stage {stage[:40]!r}\n")
+    if image is not None and not _IMAGE_REF.fullmatch(image):
+        raise web.HTTPBadRequest(text=f"bootd: bad image {image[:80]!r}\n")
     message = _TOKEN_LIKE.sub("<token>", message)  # a node's own report may echo its token
     # a closed set: a node inventing stage names grows no metric and no page colour
     known = stage if stage in events.REPORTED else events.OTHER
@@ -516,7 +559,7 @@ async def node_event(request: web.Request) -> web.Response:
              client=request.remote, reported_stage=stage if known != stage else None)
     _event(request, known, found.node, found.mac, "error" if known == events.FAILED else "ok",
            message=message or None, reported=True,
-           reported_stage=stage if known != stage else None)
+           reported_stage=stage if known != stage else None, image=image)
     if known in events.FINISHED and found.node.cluster is not None:
         provider = _settings(request).tokens.get(found.node.cluster)
         if provider is not None:

@@ -96,7 +96,7 @@ def _document(sources: PageSources, only: Iterable[str] | None = None) -> dict[s
     if recorder is None:
         return {"now": time.time(), "version": 0, "nodes": []}
     return recorder.status_document(directory.nodes, directory.inventory.network_name,
-                                    only=only)
+                                    only=only, desired=directory.desired_image)
 
 
 def row_class(row: Mapping[str, Any]) -> str:

@@ -325,15 +325,24 @@ class Recorder:
 
     def status_document(self, configured: Iterable[NodeProfile],
                         network_of: Callable[[str | None], str | None] = lambda ip: None,
-                        only: Iterable[str] | None = None) -> dict[str, Any]:
+                        only: Iterable[str] | None = None,
+                        desired: Callable[[str | None, str | None], str | None] = (
+                            lambda name, mac: None)) -> dict[str, Any]:
         """The `bootd status -o json` document: every node seen, then every configured
         node never seen (stage `never-seen`); `network_of` names the network of an
-        address. `only`: just the nodes with these keys (a live page's update)."""
+        address. `only`: just the nodes with these keys (a live page's update).
+        `desired`: the image a node (name, MAC) would boot now; a node whose reported
+        image differs has `drift`."""
         if only is None:
             seen = {s.key: s for s in self.states()}
         else:
             seen = {s.key: s for key in only if (s := self.state(key)) is not None}
-        nodes = [{**s.to_json(), "network": network_of(s.ip)} for s in seen.values()]
+        nodes = []
+        for s in seen.values():
+            want = desired(s.name, s.mac)
+            nodes.append({**s.to_json(), "network": network_of(s.ip), "desired_image": want,
+                          "drift": s.image is not None and want is not None
+                          and s.image != want})
         for node in configured if only is None else ():
             if node.name not in seen:
                 nodes.append({"node": node.name, "mac": node.macs[0] if node.macs else None,
@@ -342,7 +351,8 @@ class Recorder:
                               "stage": "never-seen", "stalled": False, "since": None,
                               "first_seen": None, "last_seen": None, "attempts": 0,
                               "last_error": None, "last_boot_time": None,
-                              "last_boot_started": None, "image": node.image})
+                              "last_boot_started": None, "image": None,
+                              "desired_image": desired(node.name, None), "drift": False})
         return {"now": self.clock(), "version": self.version, "nodes": nodes}
 
     def find(self, wanted: str) -> NodeState | None:

@@ -14,6 +14,7 @@ from bootd.fleet.config import parse_config
 from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.filetree import FileTree, Forbidden, NotFound, normalize_name
 from bootd.fleet.grub import GrubConfigs
+from bootd.fleet.images import ImageCatalog
 from bootd.fleet.inventory import Inventory
 
 CLIENT = IPv4Address("10.0.0.5")
@@ -163,7 +164,7 @@ def grub(config: str = CONFIG) -> tuple[GrubConfigs, NodeDirectory]:
     cfg = parse_config(config)
     inv = Inventory(cfg)
     directory = NodeDirectory.build(inv)
-    return GrubConfigs(directory, cfg.images, 8080), directory
+    return GrubConfigs(directory, ImageCatalog.of(cfg.images), 8080), directory
 
 
 def test_grub_per_mac_config_any_spelling() -> None:
@@ -172,7 +173,7 @@ def test_grub_per_mac_config_any_spelling() -> None:
         text = (g(name, IPv4Address("10.0.0.99"), 100.0) or b"").decode()
         assert "linux (http,10.0.0.1:8080)/images/k8s/kernel console=ttyS0 quiet debug " \
             "bootd.url=http://10.0.0.1:8080 bootd.node=n1 bootd.mac=02:00:00:00:00:01 " \
-            "bootd.rootfs=http://10.0.0.1:8080/images/k8s/rootfs" in text
+            "bootd.image=k8s bootd.rootfs=http://10.0.0.1:8080/images/k8s/rootfs" in text
         assert "initrd (http,10.0.0.1:8080)/images/k8s/initrd" in text
 
 

@@ -100,7 +100,7 @@ async def test_node_script(boot: TestClient[web.Request, web.Application], tree:
         rootfs_sha = hashlib.sha256((tree / "img" / "rootfs").read_bytes()).hexdigest()
         assert ("kernel --name vmlinuz http://127.0.0.53:8080/images/k8s/kernel console=ttyS0 "
                 "quiet bootd.url=http://127.0.0.53:8080 bootd.node=me "
-                "bootd.mac=02:00:00:00:00:01 "
+                "bootd.mac=02:00:00:00:00:01 bootd.image=k8s "
                 "bootd.rootfs=http://127.0.0.53:8080/images/k8s/rootfs "
                 f"bootd.rootfs_sha256={rootfs_sha} initrd=initrd || goto failed") in text
         assert "initrd --name initrd http://127.0.0.53:8080/images/k8s/initrd" in text

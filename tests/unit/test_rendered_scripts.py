@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from bootd.fleet.config import load_config
+from bootd.fleet.images import BootImage
 from bootd.fleet.inventory import Inventory
 from bootd.fleet.render import (
     cloud_meta_data,
@@ -40,8 +41,8 @@ def rendered() -> dict[str, str]:
             nodes.append(unknown)
         for node in nodes:
             mac = node.macs[0]
-            image = config.images[node.image] if node.image else None
-            assert image is not None
+            assert node.image is not None
+            image = BootImage(node.image, None, config.images[node.image])
             cluster = config.clusters[node.cluster] if node.cluster else None
             key = f"{name}-{node.name}"
             out[f"{key}.ipxe"] = ipxe_node(node, mac, image, URL, "0" * 64)
@@ -55,6 +56,11 @@ def rendered() -> dict[str, str]:
                 out[f"{key}-cluster.ipxe"] = ipxe_node(node, mac, image, URL, "0" * 64, PEERS)
                 out[f"{key}-cluster.join.sh"] = join_script(node, mac, URL, cluster, TOKEN,
                                                             PEERS)
+                # a managed image: every URL names the version
+                managed = BootImage(node.image, "0123456789ab", image.files)
+                out[f"{key}-version.ipxe"] = ipxe_node(node, mac, managed, URL, "0" * 64)
+                out[f"{key}-version.grub.cfg"] = grub_config(node, mac, managed, "10.0.0.1",
+                                                             8080)
     return out
 
 

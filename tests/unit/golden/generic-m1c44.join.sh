@@ -6,10 +6,14 @@ set -eu
 BOOTD_URL=http://10.0.0.1:8080
 BOOTD_PEERS=""
 NODE_NAME=m1c44
+# the image version this node booted (its kernel command line says): every report names it
+BOOTD_IMAGE=$(tr ' ' '\n' < /proc/cmdline 2>/dev/null | sed -n 's/^bootd\.image=//p' \
+    | tr -cd 'a-z0-9._@-') || BOOTD_IMAGE=""
 
 report() {
     # report STAGE MESSAGE: tell bootd how far this node got (best effort)
-    body=$(printf '{"stage":"%s","message":"%s"}' "$1" "$(printf '%s' "$2" | tr -d '"\\\n')")
+    body=$(printf '{"stage":"%s","message":"%s","image":"%s"}' "$1" \
+        "$(printf '%s' "$2" | tr -d '"\\\n')" "$BOOTD_IMAGE")
     # shellcheck disable=SC2086 # BOOTD_PEERS is a list of URLs, split on purpose
     for server in "$BOOTD_URL" $BOOTD_PEERS; do
         if command -v curl >/dev/null 2>&1; then
