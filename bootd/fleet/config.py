@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import socket
+import string
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -250,6 +252,68 @@ class TokenConfig(_Model):
         return self
 
 
+# what a BMC address may be templated from, per node: `host: "10.0.9.{ip_last}"`
+POWER_FIELDS = frozenset({"name", "mac", "ip", "ip_last", "pool"})
+
+
+def _check_template(v: str) -> str:
+    for _, field_name, _, _ in string.Formatter().parse(v):
+        if field_name is not None and field_name not in POWER_FIELDS:
+            raise ValueError(f"unknown placeholder {{{field_name}}} (known: "
+                             + ", ".join(sorted(POWER_FIELDS)) + ")")
+    return v
+
+
+class SecretConfig(_Model):
+    """A credential: inline (`value`) or read from a file when used (`file`)."""
+
+    value: str | None = Field(default=None, repr=False)
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SecretConfig:
+        if (self.value is None) == (self.file is None):
+            raise ValueError("a password needs exactly one of value or file")
+        return self
+
+
+class IpmiConfig(_Model):
+    host: Annotated[str, AfterValidator(_check_template)]
+    port: int = Field(default=623, ge=1, le=65535)
+    username: str
+    password: SecretConfig
+
+
+class RedfishConfig(_Model):
+    url: Annotated[str, AfterValidator(_check_template)]  # https://BMC (the service root)
+    username: str
+    password: SecretConfig
+    verify_tls: bool = True
+    ca: Path | None = None  # a CA bundle to verify the BMC's certificate with
+    system: str | None = None  # the ComputerSystem's id; default: the BMC's only one
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/.*)?", v):
+            raise ValueError(f"url must be http(s)://host[:port], got {v!r}")
+        return v.rstrip("/")
+
+
+class PowerConfig(_Model):
+    """How bootd reaches a node's BMC: IPMI (pyghmi) or Redfish (sushy)."""
+
+    ipmi: IpmiConfig | None = None
+    redfish: RedfishConfig | None = None
+    timeout: Duration = 30.0  # per BMC and action
+
+    @model_validator(mode="after")
+    def _one(self) -> PowerConfig:
+        if (self.ipmi is None) == (self.redfish is None):
+            raise ValueError("power needs exactly one of ipmi or redfish")
+        return self
+
+
 class ClusterConfig(_Model):
     api_server: str
     ca_cert_hash: str
@@ -353,6 +417,7 @@ class ProfileConfig(_Model):
     dhcp_options: dict[str, OptionValue] = {}
     scripts: dict[str, str] = {}
     boot: BootConfig = BootConfig()
+    power: PowerConfig | None = None  # a later layer's replaces an earlier one's
 
     @field_validator("labels", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from bootd.fleet.config import (
     BootConfig,
     Config,
     NamedNetworkConfig,
+    PowerConfig,
     ProfileConfig,
     dhcp_option_bytes,
     range_bounds,
@@ -73,6 +74,7 @@ class NodeProfile:
     dhcp_options: tuple[tuple[int, bytes], ...] = ()
     scripts: tuple[tuple[str, str], ...] = ()
     boot: BootFiles = BootFiles()
+    power: PowerConfig | None = None  # its BMC, host/url not yet templated
 
 
 def _append_unique(old: tuple[str, ...], new: Iterable[str]) -> tuple[str, ...]:
@@ -112,6 +114,7 @@ def merge_layer(base: NodeProfile, layer: ProfileConfig) -> NodeProfile:
         dhcp_options=_merge_by_key(base.dhcp_options, dhcp_option_bytes(layer.dhcp_options)),
         scripts=_merge_by_key(base.scripts, layer.scripts.items()),
         boot=_merge_boot(base.boot, layer.boot),
+        power=layer.power if layer.power is not None else base.power,
     )
 
 

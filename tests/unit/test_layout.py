@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "bootd"
 PROTOCOLS = ("dhcp", "tftp", "http")
-NEUTRAL = ("fleet", "state", "ops")
+NEUTRAL = ("fleet", "state", "ops", "power")
 ALLOWED = {("fleet/config.py", "bootd.dhcp.options")}
 
 

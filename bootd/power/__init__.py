@@ -1,0 +1,1 @@
+"""Power control of nodes through their BMCs, and rollouts that use it."""
