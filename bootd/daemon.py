@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import structlog
 
@@ -21,14 +24,20 @@ from bootd.dhcp.service import DhcpService
 from bootd.dhcp.transport import open_endpoints
 from bootd.fleet.config import Config, load_config
 from bootd.fleet.images import image_digests
+from bootd.fleet.imagestore import ImageStore
+from bootd.fleet.inventory import NodeProfile
 from bootd.http.admin import admin_app
 from bootd.http.boot import boot_app
 from bootd.http.page import Explainer
 from bootd.http.serve import serve_http
 from bootd.ops.metrics import Metrics
 from bootd.ops.sdnotify import Notifier
+from bootd.power.rollout import NodeSeen
+from bootd.power.rollouts import Rollouts
 from bootd.runtime import Runtime
+from bootd.state import events
 from bootd.state.etcd import EtcdCluster
+from bootd.state.events import BootEvent
 from bootd.state.store import Store
 from bootd.tftp.report import TransferReporter
 from bootd.tftp.server import start_tftp
@@ -112,10 +121,14 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
         boot_runner = await stack.enter_async_context(serve_http(
             boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder, rt.approvals),
             host="0.0.0.0", port=server.http_port, drain=drain))
+        rollouts = _rollouts(rt)
+        roller = asyncio.create_task(rollouts.run())
+        stack.push_async_callback(_cancel_and_wait, roller)
         await stack.enter_async_context(serve_http(
             admin_app(live.view(lambda s: s.admin), rt.metrics, rt.recorder, rt.reload,
                       Explainer(tuple(ARCH_CODES), lambda *a: _explain(rt, *a)),
-                      rt.approvals, cluster.status if cluster is not None else None),
+                      rt.approvals, cluster.status if cluster is not None else None,
+                      rollouts),
             api=server.api))
 
         def summary() -> str:
@@ -154,6 +167,32 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
             log.warning("tftp transfers cut short by shutdown", count=left)
     log.info("bootd stopped")
     return 0
+
+
+def _rollouts(rt: Runtime) -> Rollouts:
+    """Rollouts over the runtime's pools, nodes, image store and boot events."""
+    server = rt.snapshot.config.server
+
+    def pool_nodes(pool: str) -> list[NodeProfile]:
+        return [n for n in rt.snapshot.directory.nodes if n.pool == pool]
+
+    def seen(name: str) -> NodeSeen | None:
+        state = rt.recorder.state(name)
+        if state is None:
+            return None
+        error = state.last_error.removeprefix("failed: ") if state.last_error else None
+        return NodeSeen(name, state.stage, state.image, state.since, error)
+
+    def record(name: str, outcome: str, detail: dict[str, Any]) -> None:
+        node = rt.snapshot.directory.inventory.named(name)
+        rt.recorder.record(BootEvent(
+            time.time(), events.POWER, name, node.macs[0] if node and node.macs else None,
+            None, node.pool if node else None, outcome,
+            MappingProxyType({k: v for k, v in detail.items() if v is not None})))
+
+    return Rollouts(server.state_dir / "rollouts.json", ImageStore(server.image_store),
+                    pool_nodes=pool_nodes, images=lambda: rt.snapshot.boot.images,
+                    seen=seen, repoint=rt.refresh_images, record=record)
 
 
 async def _advertise_images(rt: Runtime, cluster: EtcdCluster) -> None:

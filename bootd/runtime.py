@@ -205,6 +205,15 @@ class Runtime:
                  restart_required=restart or None)
         return ReloadResult(True, [], restart)
 
+    def refresh_images(self) -> None:
+        """The image store's pointers changed (a rollout): the same config, a new
+        snapshot, so that new boots get the version now pointed at."""
+        snapshot = build_snapshot(self.snapshot.config, self.store, hashes=self.hashes,
+                                  tokens=dict(self.snapshot.boot.tokens), shared=self.shared,
+                                  peers=self.peers)
+        self.live.swap(snapshot)
+        log.info("image pointers reloaded")
+
     def _refuse(self, errors: list[str]) -> ReloadResult:
         for line in errors:
             log.error("config reload refused", error=line)

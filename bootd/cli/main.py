@@ -577,9 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_cluster)
 
-    from bootd.cli import images, power
+    from bootd.cli import images, power, rollout
     images.add_parser(sub, with_config)
     power.add_parser(sub, with_config)
+    rollout.add_parser(sub, with_config)
 
     p = sub.add_parser("probe", help="play a PXE client against the boot server on an "
                        "interface (any server: bootd, dnsmasq, ...)")

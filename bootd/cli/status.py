@@ -76,6 +76,8 @@ def table(answer: dict[str, Any], *, wide: bool, colour: bool, pool: str | None 
     lines = [header]
     for r in rows:
         stage_text = r["stage"] + (" (stalled)" if r["stalled"] else "")
+        if r.get("rollout"):
+            stage_text += f" [rollout {r['rollout'].rpartition(': ')[2]}]"
         cells = [r["node"] or "(unknown)", r["mac"] or "-", r["ip"] or "-", r["pool"] or "-",
                  stage_text, ago(r["since"], now), _image_cell(r),
                  duration(r["last_boot_time"]), r["last_error"] or "-"]

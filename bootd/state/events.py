@@ -17,7 +17,7 @@ Rules:
    Any other event belongs to the current attempt.
 3. A node's stage is the last `joined`/`failed` of its current attempt if there is one
    (lease renewals after joining do not move it back), else its latest step; refusals
-   do not count as progress.
+   and what bootd did to the node's BMC do not count as progress.
 4. A node is stalled when its current attempt has not finished and nothing happened for
    `stall_after`.
 5. A step's duration is the time to the next step; a boot's time is its attempt's first
@@ -58,11 +58,14 @@ REPORTED = frozenset({INITRAMFS, ROOTFS_MOUNTED, JOIN_SCRIPT, SCRIPTS_DONE, KUBE
                       FAILED, OTHER})
 # Requests bootd refused (unknown MAC, 403, malformed packet): an event, not a stage.
 REFUSED = "refused"
+# What bootd did to the node's BMC (a rollout's power cycle): an event, not a stage.
+POWER = "power"
+NOT_PROGRESS = frozenset({REFUSED, POWER})
 # Every stage an event can carry, in boot order: the only values of a stage label.
 STAGES = (DHCP_DISCOVER, DHCP_OFFER, DHCP_ACK, DHCP_NAK, TFTP, IPXE_SCRIPT, KERNEL, INITRD,
           KERNEL_HANDOFF, INITRAMFS, ROOTFS, ROOTFS_MOUNTED, AWAITING_APPROVAL, JOIN_SCRIPT,
           SCRIPTS_DONE,
-          KUBEADM, JOINED, FAILED, OTHER, REFUSED)
+          KUBEADM, JOINED, FAILED, OTHER, REFUSED, POWER)
 
 FINISHED = frozenset({JOINED, FAILED})
 FIRMWARE = frozenset({"bios", "efi32", "efi64", "arm64"})
@@ -197,7 +200,7 @@ def derive(events: Iterable[BootEvent], now: float, stall_after: float,
     history = tuple(attempt_of(first_attempt + i, a) for i, a in enumerate(attempts))
     flat = [e for a in attempts for e in a]
     last = flat[-1]
-    progress = [e for e in attempts[-1] if e.stage != REFUSED] or attempts[-1]
+    progress = [e for e in attempts[-1] if e.stage not in NOT_PROGRESS] or attempts[-1]
     finishing = [e for e in progress if e.stage in FINISHED]
     # after `joined`, lease renewals and the like do not change what the node is doing
     current = finishing[-1] if finishing else progress[-1]

@@ -38,6 +38,7 @@ from bootd.state.events import (
     DHCP_OFFER,
     FINISHED,
     JOINED,
+    NOT_PROGRESS,
     REFUSED,
     BootEvent,
     NodeState,
@@ -220,7 +221,7 @@ class Recorder:
         if (counter := self._event_counters.get(key)) is None:
             counter = self._event_counters[key] = metrics.boot_events.labels(*key)
         counter.inc()
-        if current and event.stage != REFUSED:
+        if current and event.stage not in NOT_PROGRESS:
             previous = current[-1]
             if (histogram := self._stage_histograms.get(previous.stage)) is None:
                 histogram = self._stage_histograms[previous.stage] = \

@@ -92,6 +92,15 @@ class DhcpLab:
         """Start bootd; a short drain by default, since protocol tests leave transfers
         abandoned on purpose and teardown expects a prompt exit. `api`: the admin
         listener (default a unix socket in the state directory)."""
+        config = self.write_config(config_body, drain, api)
+        daemon = Bootd(self.lab, self.server_ns, config, self.tmp / "bootd.log")
+        daemon.start()
+        self.daemons.append(daemon)
+        return daemon
+
+    def write_config(self, config_body: str, drain: str = "3s", api: str | None = None,
+                     ) -> Path:
+        """The config `bootd()` starts with, written without starting anything."""
         state = self.tmp / "state"
         config = self.tmp / "bootd.yaml"
         config.write_text(textwrap.dedent(f"""\
@@ -100,10 +109,7 @@ class DhcpLab:
             network: {{subnet: {SUBNET}, gateway: {SERVER_IP}, dns: [{SERVER_IP}],
                        domain: lab.example, lease_time: 1h}}
             """) + textwrap.dedent(config_body))
-        daemon = Bootd(self.lab, self.server_ns, config, self.tmp / "bootd.log")
-        daemon.start()
-        self.daemons.append(daemon)
-        return daemon
+        return config
 
     def set_client_mac(self, mac: str) -> None:
         self.lab.set_mac(self.client_ns, "cli0", mac)
