@@ -82,8 +82,18 @@ class VmLab:
         uncabled-to-anything-useful server port (BIOS only: OVMF would try to PXE from it).
         `bridge`: where the VM is cabled (a rack's bridge in a routed lab)."""
         tap = f"tap{len(self.vms)}"
-        self.lab.tap(self.vm_ns, tap, bridge)
         console = self.tmp / f"console-{mac.replace(':', '')}.log"
+        command = self.vm_command(mac, tap, uefi=uefi, memory_mib=memory_mib,
+                                  dead_nic=dead_nic, bridge=bridge)
+        proc = self.lab.spawn(self.vm_ns, command, stdout=console.open("wb"),
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.vms[mac] = (proc, console)
+
+    def vm_command(self, mac: str, tap: str, *, uefi: bool = False, memory_mib: int = 512,
+                   dead_nic: bool = False, bridge: str = "br0") -> list[str]:
+        """A VM's QEMU command line on a new tap `tap` on `bridge` (serial console on
+        stdout; it powers off rather than reboots), for start_vm or a lab BMC to run."""
+        self.lab.tap(self.vm_ns, tap, bridge)
         firmware: list[str] = []
         nic = f"virtio-net-pci,netdev=n0,mac={mac}"
         if uefi:
@@ -92,13 +102,10 @@ class VmLab:
             firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                         "-drive", f"if=pflash,format=raw,file={variables}"]
             nic += ",romfile="
-        proc = self.lab.spawn(self.vm_ns, [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-nographic",
-            "-no-reboot",
-            *firmware, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-            "-device", nic, *self._dead_nic(tap, mac, dead_nic), "-boot", "n"],
-            stdout=console.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.vms[mac] = (proc, console)
+        return ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-nographic",
+                "-no-reboot", *firmware,
+                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                "-device", nic, *self._dead_nic(tap, mac, dead_nic), "-boot", "n"]
 
     def _dead_nic(self, tap: str, mac: str, wanted: bool) -> list[str]:
         if not wanted:
