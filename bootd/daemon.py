@@ -121,7 +121,7 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
         boot_runner = await stack.enter_async_context(serve_http(
             boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder, rt.approvals),
             host="0.0.0.0", port=server.http_port, drain=drain))
-        rollouts = _rollouts(rt)
+        rollouts = _rollouts(rt, clustered=cluster is not None)
         roller = asyncio.create_task(rollouts.run())
         stack.push_async_callback(_cancel_and_wait, roller)
         await stack.enter_async_context(serve_http(
@@ -169,7 +169,7 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
     return 0
 
 
-def _rollouts(rt: Runtime) -> Rollouts:
+def _rollouts(rt: Runtime, clustered: bool) -> Rollouts:
     """Rollouts over the runtime's pools, nodes, image store and boot events."""
     server = rt.snapshot.config.server
 
@@ -192,7 +192,8 @@ def _rollouts(rt: Runtime) -> Rollouts:
 
     return Rollouts(server.state_dir / "rollouts.json", ImageStore(server.image_store),
                     pool_nodes=pool_nodes, images=lambda: rt.snapshot.boot.images,
-                    seen=seen, repoint=rt.refresh_images, record=record)
+                    seen=seen, repoint=rt.refresh_images, record=record,
+                    clustered=clustered)
 
 
 async def _advertise_images(rt: Runtime, cluster: EtcdCluster) -> None:

@@ -47,8 +47,18 @@ def _summary(config: Config, path: str) -> str:
                      f"{pool.name}, names {pool.name_template!r}")
     else:
         lines.append("  dynamic  none: unknown MACs get no answer")
-    lines.append(f"  images   {', '.join(config.images) or '-'}; "
+    from bootd.fleet.imagestore import ImageStore
+
+    catalog = ImageStore(config.server.image_store).catalog(config.images)
+    managed = [f"{name}@{catalog.promoted.get(name, '?')} ({len(versions)} versions)"
+               for name, versions in sorted(catalog.versions.items())]
+    lines.append(f"  images   {', '.join([*config.images, *managed]) or '-'}; "
                  f"clusters {', '.join(config.clusters) or '-'}")
+    if managed:
+        lines.append(f"           (versions in {config.server.image_store})")
+    powered = sum(1 for n in inv.nodes if n.power is not None)
+    if powered:
+        lines.append(f"  power    {powered} of {len(inv.nodes)} nodes have a BMC")
     ha = config.cluster
     if ha is None:
         lines.append("  cluster  none: one instance, state in SQLite")
@@ -94,6 +104,15 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     if args.dhcp_only:
         return run_lab()
+    if args.rollout:
+        from bootd.lab.rollout import run_rollout_lab
+
+        try:
+            return run_rollout_lab()
+        except KeyboardInterrupt:
+            print("\nbootd lab: interrupted; namespaces, BMCs and VMs removed",
+                  file=sys.stderr)
+            return 130
     try:
         return run_vm_lab(args.vms, args.uefi, image=args.image, racks=args.racks)
     except KeyboardInterrupt:
@@ -603,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the VMs in N rack subnets behind a router and a DHCP relay")
     p.add_argument("--dhcp-only", action="store_true",
                    help="no VMs: DHCP clients speaking like firmware, iPXE and Linux")
+    p.add_argument("--rollout", action="store_true",
+                   help="updating the fleet: two VMs with IPMI BMCs boot image v1, then a "
+                   "rollout moves them to v2")
     p.set_defaults(func=cmd_lab)
     return parser
 

@@ -62,13 +62,15 @@ class Rollouts:
                  seen: Callable[[str], ro.NodeSeen | None],
                  repoint: Callable[[], None],
                  record: Callable[[str, str, dict[str, Any]], None],
-                 power: PowerControl | None = None,
+                 power: PowerControl | None = None, clustered: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         """`pool_nodes`: a pool's configured nodes; `images`: the running snapshot's
         catalog; `seen`: what a node was last seen doing; `repoint`: rebuild the runtime
         snapshot after a pointer change; `record`: a `power` event in a node's timeline
-        (node, outcome, detail)."""
+        (node, outcome, detail). `clustered`: cluster mode, where rollouts are refused
+        (see start)."""
         self.path, self.store = path, store
+        self.clustered = clustered
         self.pool_nodes, self.images, self.seen = pool_nodes, images, seen
         self.repoint, self.record = repoint, record
         self.power = power or PowerControl()
@@ -121,6 +123,12 @@ class Rollouts:
     def start(self, pool: str, image_ref: str, *, canary: int = 1,
               max_unavailable: str | int = "10%", max_failed: int = 1,
               timeout: float = 900.0) -> ro.Rollout:
+        if self.clustered:
+            # NOT BUILT: in cluster mode the pointers would have to live in etcd; each
+            # member's image store has its own, so members would disagree about what the
+            # pool boots and a node could get the old version from another member
+            raise RolloutError("rollouts are not available in cluster mode yet: image "
+                               "pointers live in each member's image store, not in etcd")
         if self.current is not None and self.current.active:
             raise RolloutError(f"rollout {self.current.id} ({self.current.spec.pool}) is "
                                f"{self.current.phase}: abort it or let it finish first")

@@ -14,7 +14,8 @@ Rules:
 2. An attempt is the run of events from one boot. A DISCOVER starts a new attempt when
    the last one finished (`joined` or `failed`), when nothing happened for `stall_after`,
    or when it comes from firmware after the node had reached its kernel (it rebooted).
-   Any other event belongs to the current attempt.
+   A power action bootd took through the node's BMC (a rollout's power cycle) starts one
+   too. Any other event belongs to the current attempt.
 3. A node's stage is the last `joined`/`failed` of its current attempt if there is one
    (lease renewals after joining do not move it back), else its latest step; refusals
    and what bootd did to the node's BMC do not count as progress.
@@ -99,6 +100,8 @@ def starts_attempt(current: list[BootEvent], event: BootEvent, stall_after: floa
     """Does `event` begin a new boot attempt after the events of the current one?"""
     if not current:
         return True
+    if event.stage == POWER and event.outcome == "ok":
+        return True  # bootd (re)started the machine: a boot begins here
     if event.stage != DHCP_DISCOVER:
         return False
     last = current[-1]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pytest
 
 from bootd.lab.bmc import USERNAME, LabBmc
 from bootd.lab.netlab import NetLab
+from bootd.lab.rollout import image_build
 from bootd.lab.vms import VmLab, build_test_image, missing_for_vms
 from tests.integration.conftest import require
 
@@ -59,22 +59,6 @@ pools:
     nodes:
 {nodes}
 """
-
-
-def variant(image: Path, out: Path, rootfs: bytes | None = None, pad: int = 0) -> Path:
-    """A build directory from the test image: the same kernel and initrd, and its rootfs
-    padded (squashfs ignores what follows its data: a new version that still mounts), or
-    replaced by `rootfs` (a broken build)."""
-    out.mkdir()
-    for name in ("vmlinuz", "initrd.img"):
-        shutil.copy(image / name, out / name)
-    if rootfs is not None:
-        (out / "rootfs.squashfs").write_bytes(rootfs)
-    else:
-        shutil.copy(image / "rootfs.squashfs", out / "rootfs.squashfs")
-        with (out / "rootfs.squashfs").open("ab") as f:
-            f.write(b"\0" * pad)
-    return out
 
 
 def test_rollout_over_three_vms_with_ipmi_bmcs(tmp_path: Path) -> None:
@@ -109,7 +93,7 @@ def test_rollout_over_three_vms_with_ipmi_bmcs(tmp_path: Path) -> None:
 
         bmcs: dict[str, LabBmc] = {}
         try:
-            v1 = added("v1", variant(image, tmp_path / "v1"))
+            v1 = added("v1", image_build(image, tmp_path / "v1"))
             lab.start_bootd(ns, config, tmp_path / "bootd.log")
             for i, (name, (mac, ip)) in enumerate(VMS.items()):
                 bmc_ip = f"10.253.0.1{ip.rsplit('.', 1)[1]}"
@@ -125,7 +109,7 @@ def test_rollout_over_three_vms_with_ipmi_bmcs(tmp_path: Path) -> None:
                 for r in nodes().values()), 300, bmcs)
 
             # 2. roll v2 out: canary vm1, then vm2 and vm3
-            v2 = added("v2", variant(image, tmp_path / "v2", pad=4096))
+            v2 = added("v2", image_build(image, tmp_path / "v2", pad=4096))
             started = time.monotonic()
             out = bootd("rollout", "start", "workers", "--image", f"test@{v2}",
                         "--max-unavailable", "2", "--timeout", "240s", "--wait",
@@ -139,7 +123,7 @@ def test_rollout_over_three_vms_with_ipmi_bmcs(tmp_path: Path) -> None:
             assert all(b.events().count("on boot=pxe") == 2 for b in bmcs.values())
 
             # 3. a broken v3 halts at the canary and the canary comes back on v2
-            v3 = added("v3", variant(image, tmp_path / "v3", rootfs=os.urandom(1 << 20)))
+            v3 = added("v3", image_build(image, tmp_path / "v3", rootfs=os.urandom(1 << 20)))
             before = {n: b.events() for n, b in bmcs.items()}
             out = bootd("rollout", "start", "workers", "--image", f"test@{v3}",
                         "--timeout", "240s", "--wait", timeout=600)

@@ -61,6 +61,23 @@ def test_discover_after_finished_boot_starts_new_attempt() -> None:
     assert state.last_boot_time == 20.0  # from the completed attempt
 
 
+def test_a_power_cycle_by_bootd_starts_an_attempt_and_is_not_progress() -> None:
+    cycled = [*HEALTHY, e(100, ev.POWER, action="pxe", rollout="r1")]
+    state = derive(cycled, 101, STALL)
+    assert state is not None and state.attempts == 2 and state.stage == ev.POWER
+    rebooting = [*cycled, *(replace(x, ts=x.ts + 101) for x in HEALTHY[:3])]
+    state = derive(rebooting, 105, STALL)
+    assert state is not None and state.attempts == 2 and state.stage == ev.DHCP_ACK
+    # the boot's time runs from the power cycle to `joined`
+    done = [*cycled, *(replace(x, ts=x.ts + 101) for x in HEALTHY)]
+    state = derive(done, 130, STALL)
+    assert state is not None and state.last_boot_time == 21.0
+    # a refused power action starts nothing, and is not the node's stage
+    refused = [*HEALTHY, e(100, ev.POWER, outcome="error", message="BMC did not answer")]
+    state = derive(refused, 101, STALL)
+    assert state is not None and state.attempts == 1 and state.stage == ev.JOINED
+
+
 def test_firmware_discover_after_kernel_handoff_is_a_reboot() -> None:
     events = [*HEALTHY[:10], e(30, ev.DHCP_DISCOVER, firmware="efi64")]
     assert len(split_attempts(events, STALL)) == 2

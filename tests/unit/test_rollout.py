@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +222,60 @@ def test_log_is_bounded() -> None:
     for i in range(300):
         r, _ = ro.observe(r, NodeSeen(f"n{i}", "failed", NEW, 20.0 + i), 20.5 + i)
     assert r.phase == ro.COMPLETED and len(r.log) == ro.LOG_LIMIT
+
+
+# ---------------------------------------------------------------------------- the shell
+
+
+def test_parse_count() -> None:
+    from bootd.power.rollouts import RolloutError, parse_count
+
+    assert parse_count("2", 10) == 2 and parse_count(3, 10) == 3
+    assert parse_count("10%", 5) == 1 and parse_count("25%", 10) == 3
+    with pytest.raises(RolloutError, match="percentage"):
+        parse_count("many", 10)
+
+
+def test_the_shell_refuses_what_it_cannot_roll_out(tmp_path: Path) -> None:
+    from bootd.fleet.config import IpmiConfig, PowerConfig, SecretConfig
+    from bootd.fleet.images import ImageCatalog
+    from bootd.fleet.imagestore import ImageStore
+    from bootd.fleet.inventory import NodeProfile
+    from bootd.power.rollouts import RolloutError, Rollouts
+
+    build = tmp_path / "build"
+    build.mkdir()
+    for name in ("vmlinuz", "initrd.img"):
+        (build / name).write_bytes(name.encode())
+    store = ImageStore(tmp_path / "images")
+    version = store.add("k8s", build).version
+    power = PowerConfig(ipmi=IpmiConfig(host="10.0.9.1", username="a",
+                                        password=SecretConfig(value="p")))
+    nodes = {"w": [NodeProfile("n1", ("02:00:00:00:00:01",), None, "w", image="k8s",
+                               power=power)],
+             "pinned": [NodeProfile("p1", (), None, "pinned", image=f"k8s@{version}",
+                                    power=power)],
+             "other": [NodeProfile("o1", (), None, "other", image="legacy", power=power)],
+             "nopower": [NodeProfile("x1", (), None, "nopower", image="k8s")]}
+
+    def shell(clustered: bool = False) -> Rollouts:
+        return Rollouts(tmp_path / "rollouts.json", store,
+                        pool_nodes=lambda pool: nodes.get(pool, []),
+                        images=lambda: ImageCatalog.of({}), seen=lambda name: None,
+                        repoint=lambda: None, record=lambda *a: None, clustered=clustered)
+
+    for pool, image, why in [("w", "k8s", "name the version"),
+                             ("w", "k8s@ffff", "no version ffff"),
+                             ("empty", f"k8s@{version}", "no configured nodes"),
+                             ("pinned", f"k8s@{version}", "pin a version"),
+                             ("other", f"k8s@{version}", "boots legacy"),
+                             ("nopower", f"k8s@{version}", "no `power:` for x1")]:
+        with pytest.raises(RolloutError, match=re.escape(why)):
+            shell().start(pool, image)
+    with pytest.raises(RolloutError, match="cluster mode"):
+        shell(clustered=True).start("w", f"k8s@{version}")
+    with pytest.raises(RolloutError, match="no rollout"):
+        shell().pause()
+    # a damaged state file: nothing resumed, the shell still works
+    (tmp_path / "rollouts.json").write_text("{not json")
+    assert shell().current is None
