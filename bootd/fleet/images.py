@@ -52,7 +52,7 @@ def version_of(path: Path) -> FileVersion | None:
     return FileVersion(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
@@ -77,7 +77,7 @@ class ImageHashes:
         running = self._running.get(version)
         if running is None:
             loop = asyncio.get_running_loop()
-            running = asyncio.ensure_future(loop.run_in_executor(None, _sha256_file,
+            running = asyncio.ensure_future(loop.run_in_executor(None, sha256_file,
                                                                  version.path))
             self._running[version] = running
         try:

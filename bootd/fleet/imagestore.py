@@ -47,7 +47,7 @@ import structlog
 import yaml
 
 from bootd.fleet.config import ImageConfig, stored_images
-from bootd.fleet.images import PARTS, ImageCatalog, version_id
+from bootd.fleet.images import PARTS, ImageCatalog, sha256_file, version_id
 
 log = structlog.get_logger("bootd.images")
 
@@ -101,14 +101,6 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
         fout.flush()
         os.fsync(fout.fileno())
     return h.hexdigest(), size
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -268,7 +260,7 @@ class ImageStore:
             record: dict[str, dict[str, object]] = {}
             for part, path in files.items():
                 digest, size = _copy_hashing(path, incoming / part)
-                if _sha256(incoming / part) != digest:  # a disk or a copy that lied
+                if sha256_file(incoming / part) != digest:  # a disk or a copy that lied
                     raise ImageStoreError(f"{part}: the copy of {path} does not read back "
                                           "as what was read")
                 record[part] = {"sha256": digest, "size": size, "source": str(path)}
