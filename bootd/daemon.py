@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -183,10 +182,10 @@ def _rollouts(rt: Runtime, clustered: bool) -> Rollouts:
         error = state.last_error.removeprefix("failed: ") if state.last_error else None
         return NodeSeen(name, state.stage, state.image, state.since, error)
 
-    def record(name: str, outcome: str, detail: dict[str, Any]) -> None:
+    def record(name: str, at: float, outcome: str, detail: dict[str, Any]) -> None:
         node = rt.snapshot.directory.inventory.named(name)
         rt.recorder.record(BootEvent(
-            time.time(), events.POWER, name, node.macs[0] if node and node.macs else None,
+            at, events.POWER, name, node.macs[0] if node and node.macs else None,
             None, node.pool if node else None, outcome,
             MappingProxyType({k: v for k, v in detail.items() if v is not None})))
 

@@ -33,6 +33,9 @@ Rules:
    moved it: their word wins).
 6. A finished rollout (completed, halted, aborted) takes no more commands, except that
    the nodes it is reverting are still watched until they are back.
+7. After a restart of bootd, a node whose power cycle was asked for but never confirmed
+   by its BMC is cycled again (the restart may have cut the request short); its deadline
+   starts again. A confirmed one keeps its deadline.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class NodeProgress:
     wave: int | None = None
     since: float | None = None  # when its current power cycle was asked for
     error: str | None = None
+    powered: bool = False  # its BMC confirmed that power cycle
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,12 @@ def observe(r: Rollout, seen: NodeSeen, now: float) -> Result:
 def power_done(r: Rollout, name: str, ok: bool, error: str | None, now: float) -> Result:
     """A BMC's answer to a PowerPxe: a refusal fails the node (rule 2)."""
     node = r.node(name)
-    if ok or node is None:
+    if node is None:
+        return r, []
+    if ok:
+        if node.state in (BOOTING, REVERTING) and not node.powered:
+            r = replace(r, nodes=tuple(replace(n, powered=True) if n.name == name else n
+                                       for n in r.nodes), updated=now)
         return r, []
     if node.state == BOOTING:
         return _node(r, node, FAILED, now, f"power: {error}")
@@ -251,6 +260,21 @@ def tick(r: Rollout, now: float) -> Result:
                             f"{r.spec.timeout:g}s")
             cmds += more
     return r, cmds
+
+
+def restarted(r: Rollout, now: float) -> Result:
+    """bootd restarted (rule 7): cycles asked for but never confirmed are asked again."""
+    if not r.active:
+        return r, []
+    again = [n for n in r.nodes if n.state in (BOOTING, REVERTING) and not n.powered]
+    nodes = tuple(replace(n, since=now) if n in again else n for n in r.nodes)
+    r = replace(r, nodes=nodes, updated=now)
+    note = f"bootd restarted: the rollout goes on ({r.phase})"
+    if again:
+        note += "; cycling again " + ", ".join(n.name for n in again)
+    cmds: list[Command] = [Step("restarted", None, note)]
+    cmds += [PowerPxe(n.name, "rollout" if n.state == BOOTING else "revert") for n in again]
+    return _logged(r, now, cmds)
 
 
 def pause(r: Rollout, now: float, reason: str = "paused by the operator") -> Result:

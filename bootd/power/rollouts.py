@@ -19,7 +19,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +60,14 @@ class Rollouts:
                  images: Callable[[], ImageCatalog],
                  seen: Callable[[str], ro.NodeSeen | None],
                  repoint: Callable[[], None],
-                 record: Callable[[str, str, dict[str, Any]], None],
+                 record: Callable[[str, float, str, dict[str, Any]], None],
                  power: PowerControl | None = None, clustered: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         """`pool_nodes`: a pool's configured nodes; `images`: the running snapshot's
         catalog; `seen`: what a node was last seen doing; `repoint`: rebuild the runtime
         snapshot after a pointer change; `record`: a `power` event in a node's timeline
-        (node, outcome, detail). `clustered`: cluster mode, where rollouts are refused
-        (see start)."""
+        (node, when, outcome, detail). `clustered`: cluster mode, where rollouts are
+        refused (see start)."""
         self.path, self.store = path, store
         self.clustered = clustered
         self.pool_nodes, self.images, self.seen = pool_nodes, images, seen
@@ -77,6 +76,7 @@ class Rollouts:
         self.clock = clock
         self.current: ro.Rollout | None = None
         self.history: list[dict[str, Any]] = []
+        self._restart: list[ro.Command] = []  # a resumed rollout's first commands
         self._powering: set[asyncio.Task[None]] = set()
         self._load()
 
@@ -100,10 +100,7 @@ class Rollouts:
                       error=str(exc))
             return
         if self.current is not None and self.current.active:
-            now = self.clock()
-            note = (now, f"bootd restarted: the rollout goes on ({self.current.phase})")
-            self.current = replace(self.current,
-                                   log=(*self.current.log, note)[-ro.LOG_LIMIT:])
+            self.current, self._restart = ro.restarted(self.current, self.clock())
             log.warning("rollout resumed after a restart", id=self.current.id,
                         phase=self.current.phase, pool=self.current.spec.pool)
 
@@ -200,6 +197,9 @@ class Rollouts:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
+        if self._restart:
+            self._apply(self._restart)
+            self._restart = []
         try:
             while True:
                 self.step()
@@ -254,6 +254,10 @@ class Rollouts:
             self.repoint()
 
     async def _pxe(self, rollout_id: str, cmd: ro.PowerPxe) -> None:
+        # the event is recorded when the cycle is asked for: the machine may boot and
+        # report before its BMC's answer comes back, and its timeline must begin here
+        detail = {"action": "pxe", "rollout": rollout_id, "reason": cmd.reason}
+        self.record(cmd.node, self.clock(), "ok", detail)
         node = next((n for n in self.pool_nodes(self._pool()) if n.name == cmd.node), None)
         try:
             if node is None:
@@ -262,10 +266,8 @@ class Rollouts:
             ok, error = result.ok, result.error
         except PowerError as exc:
             ok, error = False, str(exc)
-        self.record(cmd.node, "ok" if ok else "error",
-                    {"action": "pxe", "rollout": rollout_id, "reason": cmd.reason,
-                     "message": error})
         if not ok:
+            self.record(cmd.node, self.clock(), "error", {**detail, "message": error})
             log.warning("rollout power failed", id=rollout_id, node=cmd.node, error=error)
         if self.current is not None and self.current.id == rollout_id:
             self.current, more = ro.power_done(self.current, cmd.node, ok, error,

@@ -223,6 +223,9 @@ pools:
         out = cli(lab, "rollout", "status", "--wait", timeout=120)
         assert out.returncode == 0 and "COMPLETED" in out.stdout, out.stdout
         assert "bootd restarted: the rollout goes on (running)" in out.stdout
+        # all three on v4: n3 too, cycled again if the restart cut its power cycle short
+        states = {n["name"]: n["state"] for n in api(lab, "/api/v1/rollout")["current"]["nodes"]}
+        assert states == {"n1": "healthy", "n2": "healthy", "n3": "healthy"}, out.stdout
 
         # prune keeps what nodes run and what the store points at
         out = cli(lab, "image", "prune", "k8s", "--keep", "0")

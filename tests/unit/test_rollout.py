@@ -216,6 +216,18 @@ def test_json_round_trip_and_restart_keeps_deadlines() -> None:
     assert back.phase == ro.HALTED and states(back)["n2"] == ro.REVERTING
 
 
+def test_a_restart_cycles_again_only_the_unconfirmed() -> None:
+    r, _ = started(canary=0, max_unavailable=3)  # n1, n2, n3 asked for at 10
+    r, _ = ro.power_done(r, "n1", True, None, 11.0)
+    assert r.node("n1").powered and not r.node("n2").powered  # type: ignore[union-attr]
+    r, cmds = ro.restarted(Rollout.from_json(json.loads(json.dumps(r.to_json()))), 50.0)
+    assert powered(cmds) == [("n2", "rollout"), ("n3", "rollout")]
+    assert r.node("n1").since == 10.0 and r.node("n2").since == 50.0  # type: ignore[union-attr]
+    assert "cycling again n2, n3" in r.log[-1][1]
+    done, _ = ro.abort(r, 60.0)
+    assert ro.restarted(done, 70.0) == (done, [])
+
+
 def test_log_is_bounded() -> None:
     r, _ = started(nodes=tuple(f"n{i}" for i in range(300)), max_unavailable=1,
                    max_failed=1000, canary=0)
