@@ -10,10 +10,11 @@ firmware (option 60 PXEClient, arch 0) -> TFTP of undionly.kpxe (blksize 1432, l
 -> DHCP as iPXE (user class iPXE) -> its per-node iPXE script -> kernel, initrd and rootfs
 over HTTP (scaled-down files; the rootfs checked against the script's sha256) -> DHCP as
 the booted OS -> its join.sh -> a `joined` report. Arrivals are spread evenly over
---window seconds. The nodes are one asyncio client (one DHCP socket on port 68 with the
-broadcast flag set, per-node TFTP sockets and HTTP connections bound to each node's
-address) in a client namespace cabled to the server namespace; with --loss both ends of
-the cable drop that share of what they receive. For the kubefarm stack nginx serves the
+--window seconds. The nodes are one asyncio client in a client namespace that is also
+their rack's router and DHCP relay: their subnet (10.90.0.0/16) is one routed hop from the
+servers' (10.89.0.0/24), DHCP goes through the relay address (giaddr), and each node's TFTP
+socket and HTTP connections are bound to its own address. With --loss both ends of the
+cable drop that share of what they receive. For the kubefarm stack nginx serves the
 same per-node scripts and join.sh files (rendered by bootd's templates) as static files
 and answers the report with 204.
 
@@ -40,7 +41,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +53,11 @@ from bootd.dhcp.packet import DhcpPacket, MessageType, decode, encode
 from bootd.lab.netlab import NetLab, netns_available
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
-SERVER_IP = "10.90.0.1"
+SERVER_IP = "10.89.0.1"  # the boot server's own segment (10.89.0.0/24)
+CLIENT_IP = "10.89.0.2"  # the client namespace's end of the cable: the nodes' router
+RELAY_IP = "10.90.0.254"  # the relay agent (giaddr) of the nodes' subnet 10.90.0.0/16
 NETMASK = "255.255.0.0"
+RELAY = IPv4Address(RELAY_IP)
 TOKEN = "abcdef.0123456789abcdef"
 IPXE = Path("/usr/lib/ipxe/undionly.kpxe")
 PXE_VENDOR = b"PXEClient:Arch:00000:UNDI:002001"
@@ -88,8 +94,7 @@ class DhcpClient(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         try:
@@ -114,13 +119,15 @@ class DhcpClient(asyncio.DatagramProtocol):
         if kind == "ipxe":
             opts[77] = b"iPXE"
         try:
-            offer = await self._ask(DhcpPacket(op=1, xid=xid, flags=0x8000, chaddr=chaddr,
+            offer = await self._ask(DhcpPacket(op=1, xid=xid, hops=1, giaddr=RELAY,
+                                               chaddr=chaddr,
                                                options={53: bytes([MessageType.DISCOVER]),
                                                         **opts}),
                                     queue, MessageType.OFFER, result)
             request = {53: bytes([MessageType.REQUEST]), 50: offer.yiaddr.packed,
                        54: offer.options.get(54, b""), **opts}
-            return await self._ask(DhcpPacket(op=1, xid=xid, flags=0x8000, chaddr=chaddr,
+            return await self._ask(DhcpPacket(op=1, xid=xid, hops=1, giaddr=RELAY,
+                                              chaddr=chaddr,
                                               options=request),
                                    queue, MessageType.ACK, result)
         finally:
@@ -129,11 +136,12 @@ class DhcpClient(asyncio.DatagramProtocol):
     async def _ask(self, packet: DhcpPacket, queue: asyncio.Queue[DhcpPacket],
                    want: MessageType, result: NodeResult) -> DhcpPacket:
         data = encode(packet)
-        for attempt, wait in enumerate((1.0, 2.0, 4.0, 4.0, 4.0)):
+        # PXE ROMs wait 4, 8, 16 and 32 s (PXE 2.1); shorter here, but as long in all
+        for attempt, wait in enumerate((1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0)):
             if attempt:
                 result.dhcp_retries += 1
             assert self.transport is not None
-            self.transport.sendto(data, ("255.255.255.255", 67))
+            self.transport.sendto(data, (SERVER_IP, 67))
             deadline = time.monotonic() + wait
             while (left := deadline - time.monotonic()) > 0:
                 try:
@@ -146,7 +154,17 @@ class DhcpClient(asyncio.DatagramProtocol):
 
 
 async def tftp_get(server: str, ip: str, name: str, result: NodeResult) -> int:
-    """Lock-step TFTP with blksize 1432 and tsize, as PXE ROMs ask; returns the size."""
+    """Lock-step TFTP with blksize 1432 and tsize, as PXE ROMs ask; returns the size.
+    After 4 silent seconds the transfer starts over from a new port (a lost OACK whose
+    retransmissions were lost too leaves the server nothing to answer), 3 times at most."""
+    for _ in range(3):
+        size = await _tftp_once(server, ip, name, result)
+        if size is not None:
+            return size
+    raise RuntimeError("TFTP timed out")
+
+
+async def _tftp_once(server: str, ip: str, name: str, result: NodeResult) -> int | None:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((ip, 0))
@@ -164,8 +182,8 @@ async def tftp_get(server: str, ip: str, name: str, result: NodeResult) -> int:
             except TimeoutError:
                 retries += 1
                 result.tftp_retries += 1
-                if retries > 8:
-                    raise RuntimeError("TFTP timed out") from None
+                if retries >= 4:
+                    return None
                 continue
             retries = 0
             opcode = int.from_bytes(data[:2], "big")
@@ -235,9 +253,14 @@ async def boot(i: int, start_at: float, dhcp: DhcpClient, server: str) -> NodeRe
         ack = await dhcp.exchange(mac, "pxe", result)
         if str(ack.yiaddr) != ip:
             raise RuntimeError(f"DHCP gave {ack.yiaddr}, not {ip}")
-        bootfile = ack.file.rstrip(b"\0").decode()
+        # the boot file is in `file` or in option 67, the TFTP server in siaddr or 66
+        bootfile = (ack.options.get(67) or ack.file).rstrip(b"\0").decode()
+        tftp_server = (ack.options.get(66, b"").rstrip(b"\0").decode()
+                       or (str(ack.siaddr) if int(ack.siaddr) else server))
+        if not bootfile:
+            raise RuntimeError("no boot file in the DHCP answer")
         mark("dhcp-pxe")
-        await tftp_get(str(ack.siaddr) if int(ack.siaddr) else server, ip, bootfile, result)
+        await tftp_get(tftp_server, ip, bootfile, result)
         mark("tftp")
         await dhcp.exchange(mac, "ipxe", result)
         mark("dhcp-ipxe")
@@ -272,18 +295,17 @@ async def boot(i: int, start_at: float, dhcp: DhcpClient, server: str) -> NodeRe
         result.joined = time.monotonic()
         result.ok = True
     except Exception as exc:  # a failed node is a result, not a crash of the storm
-        result.error = f"{type(exc).__name__}: {exc}"
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        result.error = f"{type(exc).__name__}: {exc} (line {where.lineno})"
     return result
 
 
 async def storm(n: int, window: float, timeout: float, server: str) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"cli0")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    sock.bind(("0.0.0.0", 68))
+    sock.bind((RELAY_IP, 67))  # relayed: the servers answer the relay agent, unicast
     transport, dhcp = await loop.create_datagram_endpoint(DhcpClient, sock=sock)
     t0 = time.monotonic() + 0.5
     tasks = [asyncio.create_task(boot(i, t0 + window * i / n, dhcp, server))
@@ -312,7 +334,9 @@ def server_config(tmp: Path, img: Path, n: int) -> str:
     return f"""\
 server: {{interfaces: [srv0], address: {SERVER_IP}, state_dir: {tmp}/bootd-state,
          api: {tmp}/bootd-state/api.sock}}
-network: {{subnet: 10.90.0.0/16, lease_time: 1h}}
+networks:
+  - {{name: core, subnet: 10.89.0.0/24}}
+  - {{name: nodes, subnet: 10.90.0.0/16, gateway: {RELAY_IP}, lease_time: 1h}}
 tftp: {{root: {tmp}/tftp, fallback_dirs: [/usr/lib/ipxe]}}
 images:
   k8s: {{kernel: {img}/vmlinuz, initrd: {img}/initrd.img, rootfs: {img}/rootfs.squashfs,
@@ -334,8 +358,7 @@ def start_bootd(lab: NetLab, ns: str, tmp: Path, img: Path, n: int,
     (tmp / "tftp").mkdir(exist_ok=True)
     config = tmp / "bootd.yaml"
     config.write_text(server_config(tmp, img, n))
-    return [lab.start_bootd(ns, config, tmp / "bootd.log", extra=["--log-level", "warning"],
-                            timeout=60)]
+    return [lab.start_bootd(ns, config, tmp / "bootd.log", timeout=60)]
 
 
 def start_kubefarm(lab: NetLab, ns: str, tmp: Path, img: Path, n: int,
@@ -446,30 +469,42 @@ def cpu_and_rss(procs: list[subprocess.Popen[bytes]]) -> tuple[float, float]:
     return cpu, rss
 
 
-def agreement(tmp: Path, n: int) -> str:
-    """Does `bootd status` say what the clients did: every node joined, each step seen?"""
+def agreement(tmp: Path, joined_names: list[str]) -> str:
+    """Does `bootd status` say what the clients did: every node that joined is `joined`
+    there, with each step of its boot recorded (20 sampled)?"""
     out = subprocess.run(["curl", "-sS", "-f", "--unix-socket",
                           str(tmp / "bootd-state" / "api.sock"),
                           "http://bootd/api/v1/status"], capture_output=True, text=True,
                          timeout=60, check=False)
     if out.returncode != 0:
         return f"no status: {out.stderr.strip()}"
-    rows = json.loads(out.stdout)["nodes"]
-    joined = sum(1 for r in rows if r["stage"] == "joined")
-    sample = [f"s{i:04d}" for i in random.sample(range(n), min(n, 20))]
-    missing = set()
+    rows = {r["node"]: r for r in json.loads(out.stdout)["nodes"]}
+    joined = sum(1 for name in joined_names if rows.get(name, {}).get("stage") == "joined")
+    sample = random.sample(joined_names, min(len(joined_names), 20))
     want = {"dhcp-ack", "tftp", "ipxe-script", "kernel", "initrd", "rootfs", "join-script",
             "joined"}
-    for name in sample:
-        detail = subprocess.run(["curl", "-sS", "-f", "--unix-socket",
-                                 str(tmp / "bootd-state" / "api.sock"),
-                                 f"http://bootd/api/v1/status/{name}"],
-                                capture_output=True, text=True, timeout=60, check=False)
-        steps = {s["stage"] for a in json.loads(detail.stdout or "{}").get("history", [])
-                 for s in a["steps"]} if detail.returncode == 0 else set()
-        missing |= want - steps
-    return (f"{joined}/{n} joined in bootd status; sampled 20 timelines: "
-            + ("every stage recorded" if not missing else f"missing {sorted(missing)}"))
+    # a TFTP transfer whose last ACK was lost is recorded when bootd stops waiting for
+    # that ACK (its retransmissions), up to ~40 s after the node moved on: wait for it
+    deadline = time.monotonic() + 60
+    while True:
+        missing: dict[str, set[str]] = {}
+        for name in sample:
+            detail = subprocess.run(["curl", "-sS", "-f", "--unix-socket",
+                                     str(tmp / "bootd-state" / "api.sock"),
+                                     f"http://bootd/api/v1/status/{name}"],
+                                    capture_output=True, text=True, timeout=60, check=False)
+            steps = {s["stage"] for a in json.loads(detail.stdout or "{}").get("history", [])
+                     for s in a["steps"]} if detail.returncode == 0 else set()
+            if want - steps:
+                missing[name] = want - steps
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    late = "" if not missing else "; missing " + ", ".join(
+        f"{name}: {sorted(stages)}" for name, stages in sorted(missing.items()))
+    return (f"{joined} of the {len(joined_names)} nodes that joined are `joined` in bootd "
+            f"status; {len(sample)} sampled timelines"
+            + (": every stage recorded" if not missing else late))
 
 
 def run_stack(lab: NetLab, srv: str, cli: str, tmp: Path, img: Path, stack: str,
@@ -484,10 +519,17 @@ def run_stack(lab: NetLab, srv: str, cli: str, tmp: Path, img: Path, stack: str,
                       timeout=args.timeout + args.window + 120)
         after, rss = cpu_and_rss(procs)
         data = json.loads(out.stdout)
-        agree = agreement(tmp, args.nodes) if stack == "bootd" else "-"
+        agree = (agreement(tmp, [r["name"] for r in data["nodes"] if r["ok"]])
+                 if stack == "bootd" else "-")
     finally:
         for proc in procs:
             lab.stop(proc)
+        if os.environ.get("STORM_DEBUG"):
+            for log in ("dnsmasq.log", "bootd.log"):
+                if (tmp / log).exists():
+                    lines = [x for x in (tmp / log).read_text().splitlines()
+                             if '"warning"' in x or '"error"' in x or "dnsmasq" in log]
+                    print(f"--- {log}: {len(lines)} lines\n" + "\n".join(lines[-15:]))
     nodes = data["nodes"]
     ok = [r for r in nodes if r["ok"]]
     times = sorted(r["joined"] - r["started"] for r in ok)
@@ -503,6 +545,7 @@ def run_stack(lab: NetLab, srv: str, cli: str, tmp: Path, img: Path, stack: str,
         "dhcp_retries": sum(r["dhcp_retries"] for r in nodes),
         "tftp_retries": sum(r["tftp_retries"] for r in nodes),
         "cpu_s": after - before, "rss_mib": rss, "errors": errors, "status": agree,
+        "slowest": max(ok, key=lambda r: r["joined"] - r["started"]) if ok else None,
     }
 
 
@@ -537,15 +580,27 @@ def main() -> int:
                           ("rootfs.squashfs", args.rootfs_kib)):
             (img / name).write_bytes(os.urandom(kib << 10))
         srv, cli = lab.namespace("s"), lab.namespace("c")
+        # The nodes sit one routed hop from the server, behind a relay, as racks do:
+        # the server keeps one neighbour (the router) instead of a thousand (the kernel's
+        # neighbour table holds 1,024 at most, host-wide: a flat storm lost packets to
+        # forgotten neighbours), and DHCP is relayed (giaddr) as in a routed datacenter.
         lab.veth(srv, "srv0", cli, "cli0")
-        lab.address(srv, "srv0", f"{SERVER_IP}/16")
+        lab.address(srv, "srv0", f"{SERVER_IP}/24")
+        lab.address(cli, "cli0", f"{CLIENT_IP}/24")
+        lab.run(srv, ["ip", "route", "add", "10.90.0.0/16", "via", CLIENT_IP])
         batch = tmp / "addresses"
-        batch.write_text("".join(f"address add {node_ip(i)}/16 dev cli0\n"
-                                 for i in range(args.nodes)))
+        batch.write_text(f"address add {RELAY_IP}/32 dev lo\n" + "".join(
+            f"address add {node_ip(i)}/32 dev lo\n" for i in range(args.nodes)))
         lab.run(cli, ["ip", "-batch", str(batch)], timeout=120)
-        for ns in (srv, cli):  # room for a storm's connections and datagrams
+        for ns in (srv, cli):  # room for a storm's connections, datagrams and neighbours
+            # (the default neighbour table holds 1,024 at most: a server with a thousand
+            # nodes on one segment drops packets to the ones it must forget, as a real
+            # boot server's host would, so both stacks get a bigger one)
             lab.run(ns, ["sysctl", "-q", "-w", "net.core.somaxconn=4096",
-                         "net.ipv4.ip_local_port_range=10000 65000"], check=False)
+                         "net.ipv4.ip_local_port_range=10000 65000",
+                         "net.ipv4.neigh.default.gc_thresh1=4096",
+                         "net.ipv4.neigh.default.gc_thresh2=8192",
+                         "net.ipv4.neigh.default.gc_thresh3=16384"], check=False)
         if args.loss:
             for ns, iface in ((srv, "srv0"), (cli, "cli0")):
                 lab.lose_packets(ns, iface, args.loss)
@@ -561,6 +616,11 @@ def main() -> int:
         print(f"{name:10}{r['joined']:>8}{r['failed']:>8}{r['all_joined_s']:>14.1f}"
               f"{r['p50']:>8.2f}{r['p99']:>8.2f}{r['dhcp_retries']:>10}{r['tftp_retries']:>10}"
               f"{r['cpu_s']:>8.1f}{r['rss_mib']:>9.1f}")
+        if r["slowest"] is not None:
+            slow = r["slowest"]
+            marks = ", ".join(f"{k} {v:.1f}" for k, v in slow["stages"].items())
+            print(f"    slowest {slow['name']} (DHCP rtx {slow['dhcp_retries']}, TFTP rtx "
+                  f"{slow['tftp_retries']}): {marks}")
         for error, count in list(r["errors"].items())[:5]:
             print(f"    {count} x {error}")
     if "bootd" in results:
