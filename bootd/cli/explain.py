@@ -15,6 +15,7 @@ from bootd.dhcp.outcomes import Exhausted, Offered, UnknownRelay, WrongNetwork
 from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
 from bootd.fleet.config import Config
 from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.images import BootImage
 from bootd.fleet.imagestore import ImageStore
 from bootd.fleet.inventory import Inventory, NodeProfile, PortId
 from bootd.fleet.mac import mac_to_bytes
@@ -76,11 +77,9 @@ def _layers(config: Config, node: NodeProfile) -> str:
     return " < ".join(parts)
 
 
-def _image_text(config: Config, node: NodeProfile) -> str:
+def _image_text(node: NodeProfile, image: BootImage | None) -> str:
     if node.image is None:
         return "-"
-    image = ImageStore(config.server.image_store).catalog(config.images).resolve(
-        node.image, node.pool)
     return f"{node.image} -> {image.ref}" if image is not None else f"{node.image} (missing)"
 
 
@@ -98,13 +97,15 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
                    "answer its DHCP, and its iPXE script says so and exits to the next "
                    "boot device")
         return "\n".join(out)
+    image = ImageStore(config.server.image_store).catalog(config.images).resolve(
+        node.image, node.pool)
     out += [
         f"node      {node.name}{' (catch-all: name from the MAC)' if node.dynamic else ''}",
         f"pool      {node.pool}",
         f"network   {node.network or '(by the address leased)'}"
         + (f"   port {node.port.relay} {node.port.circuit_id.decode()!r}" if node.port else ""),
         f"merged    {_layers(config, node)}",
-        f"image     {_image_text(config, node)}   cluster {node.cluster or '-'}",
+        f"image     {_image_text(node, image)}   cluster {node.cluster or '-'}",
         f"labels    {', '.join(f'{k}={v}' for k, v in node.labels.items()) or '-'}",
         f"taints    {', '.join(node.taints) or '-'}",
     ]
@@ -133,8 +134,6 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
         out.append(f"  address {reply.yiaddr}{note}, next-server {reply.siaddr}, "
                    f"boot file {reply.file.decode() or '-'}")
         out += [option_text(code, value) for code, value in reply.options.items()]
-    image = ImageStore(config.server.image_store).catalog(config.images).resolve(
-        node.image, node.pool)
     url = base_url(str(inventory.next_server_for(address)), config.server.http_port)
     out.append("")
     if image is None:

@@ -24,15 +24,10 @@ from bootd.ops.text import ago
 
 
 def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("image", help="image versions: add, list, promote, rollback, prune")
-    verbs = p.add_subparsers(dest="verb", required=True)
+    from bootd.cli.main import verb_adder
 
-    def verb(name: str, text: str) -> argparse.ArgumentParser:
-        v: argparse.ArgumentParser = verbs.add_parser(name, help=text)
-        with_config(v)
-        v.add_argument("--api", help="admin API (default: server.api from the config)")
-        v.set_defaults(func=cmd_image)
-        return v
+    p = sub.add_parser("image", help="image versions: add, list, promote, rollback, prune")
+    verb = verb_adder(p, with_config, cmd_image)
 
     v = verb("add", "import a build (images/build-production-image.sh's output) as a new "
              "version")
@@ -97,9 +92,9 @@ def cmd_image(args: argparse.Namespace) -> int:
 def _reload(args: argparse.Namespace) -> int:
     import aiohttp
 
-    from bootd.cli.main import _admin_request
+    from bootd.cli.main import _admin_request, _api_path
 
-    api = args.api or _api_or_default(args.config)
+    api = _api_path(args)
     try:
         code, text = asyncio.run(_admin_request(api, "POST", "/api/v1/reload"))
     except (aiohttp.ClientError, OSError):
@@ -109,13 +104,6 @@ def _reload(args: argparse.Namespace) -> int:
         return _fail(f"the daemon refused to reload: {text.strip()[:400]}")
     print("the daemon reloaded: new boots see it now")
     return 0
-
-
-def _api_or_default(config: Path) -> str:
-    try:
-        return load_config(config).server.api
-    except ConfigError:
-        return "/run/bootd/api.sock"
 
 
 def _pinned(config_path: Path, name: str) -> set[str]:

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,37 @@ def _ask_daemon(command: str, api: str, method: str, path: str,
     except (aiohttp.ClientError, OSError) as exc:
         print(f"bootd {command}: cannot reach the daemon at {api}: {exc}", file=sys.stderr)
         return None
+
+
+def _daemon_json(command: str, api: str, method: str, path: str,
+                 body: object | None = None) -> Any:
+    """The daemon's JSON answer to one admin request, or None after saying on stderr why
+    there is none (unreachable, or an answer other than 200)."""
+    answer = _ask_daemon(command, api, method, path, body)
+    if answer is None:
+        return None
+    code, text = answer
+    if code != 200:
+        print(text.strip(), file=sys.stderr)
+        return None
+    return json.loads(text)
+
+
+def verb_adder(parent: argparse.ArgumentParser,
+               with_config: Callable[[argparse.ArgumentParser], None],
+               func: Callable[[argparse.Namespace], int],
+               ) -> Callable[[str, str], argparse.ArgumentParser]:
+    """For `bootd NOUN VERB` commands: adds a VERB taking -c and --api, run by `func`."""
+    verbs = parent.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, text: str) -> argparse.ArgumentParser:
+        v: argparse.ArgumentParser = verbs.add_parser(name, help=text)
+        with_config(v)
+        v.add_argument("--api", help="admin API (default: server.api from the config)")
+        v.set_defaults(func=func)
+        return v
+
+    return verb
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
@@ -470,14 +501,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """`bootd cluster status`: this member's view of the cluster, from its admin API."""
-    answer = _ask_daemon("cluster", _api_path(args), "GET", "/api/v1/cluster")
-    if answer is None:
+    doc = _daemon_json("cluster", _api_path(args), "GET", "/api/v1/cluster")
+    if doc is None:
         return 1
-    code, text = answer
-    if code != 200:
-        print(text.strip(), file=sys.stderr)
-        return 1
-    doc = json.loads(text)
     if args.output == "json":
         print(json.dumps(doc, indent=2))
         return 0

@@ -14,16 +14,11 @@ from bootd.ops.text import ago, duration
 
 
 def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
+    from bootd.cli.main import verb_adder
+
     p = sub.add_parser("rollout", help="roll an image version over a pool: canary, waves, "
                        "halt and revert on failures")
-    verbs = p.add_subparsers(dest="verb", required=True)
-
-    def verb(name: str, text: str) -> argparse.ArgumentParser:
-        v: argparse.ArgumentParser = verbs.add_parser(name, help=text)
-        with_config(v)
-        v.add_argument("--api", help="admin API (default: server.api from the config)")
-        v.set_defaults(func=cmd_rollout)
-        return v
+    verb = verb_adder(p, with_config, cmd_rollout)
 
     v = verb("start", "point POOL at NAME@VERSION and boot its nodes onto it, wave by wave")
     v.add_argument("pool")
@@ -47,7 +42,7 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], None])
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from bootd.cli.main import _api_path, _ask_daemon
+    from bootd.cli.main import _api_path, _daemon_json
 
     api = _api_path(args)
     if args.verb == "start":
@@ -59,18 +54,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         body = {"pool": args.pool, "image": args.image, "canary": args.canary,
                 "max_unavailable": args.max_unavailable, "max_failed": args.max_failed,
                 "timeout": timeout}
-        answer = _ask_daemon("rollout", api, "POST", "/api/v1/rollout", body)
+        doc = _daemon_json("rollout", api, "POST", "/api/v1/rollout", body)
     elif args.verb == "status":
-        answer = _ask_daemon("rollout", api, "GET", "/api/v1/rollout")
+        doc = _daemon_json("rollout", api, "GET", "/api/v1/rollout")
     else:
-        answer = _ask_daemon("rollout", api, "POST", f"/api/v1/rollout/{args.verb}")
-    if answer is None:
+        doc = _daemon_json("rollout", api, "POST", f"/api/v1/rollout/{args.verb}")
+    if doc is None:
         return 1
-    code, text = answer
-    if code != 200:
-        print(text.strip(), file=sys.stderr)
-        return 1
-    doc = json.loads(text)
     current = doc.get("current", doc) if args.verb == "status" else doc
     if getattr(args, "wait", False):
         return _follow(api)
@@ -85,14 +75,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def _follow(api: str, interval: float = 2.0) -> int:
     """Print each new log line until the rollout ends; 0 if it completed."""
-    from bootd.cli.main import _ask_daemon
+    from bootd.cli.main import _daemon_json
 
     printed = 0
     while True:
-        answer = _ask_daemon("rollout", api, "GET", "/api/v1/rollout")
-        if answer is None or answer[0] != 200:
+        doc = _daemon_json("rollout", api, "GET", "/api/v1/rollout")
+        if doc is None:
             return 1
-        current = json.loads(answer[1])["current"]
+        current = doc["current"]
         if current is None:
             print("no rollout")
             return 1

@@ -180,10 +180,11 @@ class ImageStore:
                         error=str(exc))
             return None
 
-    def versions(self, name: str) -> list[VersionInfo]:
-        """An image's readable versions, oldest first."""
-        found = [info for v in self.names().get(name, set())
-                 if (info := self.info(name, v)) is not None]
+    def versions(self, name: str, listed: set[str] | None = None) -> list[VersionInfo]:
+        """An image's readable versions, oldest first (`listed`: its version directories,
+        when the caller has listed the store already)."""
+        listed = self.names().get(name, set()) if listed is None else listed
+        found = [info for v in listed if (info := self.info(name, v)) is not None]
         return sorted(found, key=lambda i: (i.added, i.version))
 
     def pointers(self, name: str) -> Pointers:
@@ -203,10 +204,10 @@ class ImageStore:
         versions: dict[str, dict[str, ImageConfig]] = {}
         promoted: dict[str, str] = {}
         pools: dict[tuple[str, str], str] = {}
-        for name in self.names():
+        for name, listed in self.names().items():
             if name in unmanaged:
                 continue  # the config's cross-check reports the clash
-            for info in self.versions(name):
+            for info in self.versions(name, listed):
                 d = self.root / name / info.version
                 if not all((d / part).is_file() for part in info.digests):
                     log.warning("image version incomplete: left out", image=name,
