@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootd.fleet.config import ImageConfig
@@ -123,6 +123,10 @@ async def image_digests(images: Mapping[str, ImageConfig], hashes: ImageHashes,
 #    version still in the store is served, not only the current one.
 # 3. A node's image is reported as `NAME@VERSION` (managed) or `NAME` (unmanaged); that
 #    string is what `bootd status` shows and what drift is judged by.
+# 4. In cluster mode a version may be known (in etcd, held by other members) before this
+#    member has fetched it: it resolves as `remote`, and a node's script then names a
+#    member that holds it for the image files. A managed version's sha256 per part is
+#    known from its record, so nothing needs hashing to name the rootfs's.
 
 VERSION_LENGTH = 12  # hex characters of the content digest: collisions need ~2^24 versions
 
@@ -150,6 +154,8 @@ class BootImage:
     name: str
     version: str | None
     files: ImageConfig
+    digests: Mapping[str, str] = field(default_factory=dict)  # managed: sha256 per part
+    remote: bool = False  # rule 4: other members hold it, this one not yet
 
     @property
     def ref(self) -> str:
@@ -169,6 +175,8 @@ class ImageCatalog:
     versions: Mapping[str, Mapping[str, ImageConfig]]  # managed: name -> version -> files
     promoted: Mapping[str, str]  # managed name -> promoted version
     pool_pointers: Mapping[tuple[str, str], str]  # (name, pool) -> version, set by rollouts
+    digests: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
+    remote: frozenset[tuple[str, str]] = frozenset()  # (name, version): rule 4
 
     @classmethod
     def of(cls, unmanaged: Mapping[str, ImageConfig]) -> ImageCatalog:
@@ -190,19 +198,29 @@ class ImageCatalog:
             return BootImage(name, None, files) if version is None else None
         if version is None:
             version = self.version_for(name, pool)
-        files = self.versions.get(name, {}).get(version or "")
-        return BootImage(name, version, files) if files is not None else None
+        if version is None:
+            return None
+        files = self.versions.get(name, {}).get(version)
+        if files is None:
+            return None
+        return BootImage(name, version, files, self.digests.get((name, version), {}),
+                         (name, version) in self.remote)
 
     def desired_ref(self, ref: str | None, pool: str | None) -> str | None:
         image = self.resolve(ref, pool)
         return image.ref if image is not None else None
 
     def files(self, name: str, version: str | None) -> ImageConfig | None:
-        """An image's files as its URLs name them (any stored version: rule 2)."""
+        """An image's files as its URLs name them (any stored version: rule 2; not a
+        remote one, rule 4)."""
         if version is None:
             return self.unmanaged.get(name)
+        if (name, version) in self.remote:
+            return None
         return self.versions.get(name, {}).get(version)
 
     def all_files(self) -> list[ImageConfig]:
+        """The files this member serves (not those of remote versions: rule 4)."""
         return [*self.unmanaged.values(),
-                *(files for versions in self.versions.values() for files in versions.values())]
+                *(files for name, versions in self.versions.items()
+                  for version, files in versions.items() if (name, version) not in self.remote)]

@@ -38,24 +38,40 @@ Theory of operation
    `ranked` order for its MAC, after the member serving it, so a node whose server dies
    mid-boot fetches the rest from the next one (its initramfs and join script try them
    in that order).
+9. Image versions (bootd/fleet/imagesync.py): `images/NAME/versions/V` is a version's
+   record (its files' sha256 and sizes, command line, who added it; `pruned` once
+   pruned), `images/NAME/pointers` the image's promoted version, rollback history and
+   pool pointers, the one truth for what new boots get. Each member keeps its own copy
+   of every version not pruned, fetched from a member that holds it and checked against
+   the record, and says in its membership key which versions it holds (`sync_plan`).
+10. Rollouts (bootd/power/rollouts.py): `rollouts/current` is the rollout, written by
+   compare-and-swap by whichever member changes it; `rollouts/runner` names the one
+   member that drives it (watches nodes, powers them), under that member's lease, so a
+   dead runner's successor takes over once its lease expires.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from types import MappingProxyType
 
 import orjson
 
+from bootd.fleet.images import version_id
+from bootd.fleet.imagestore import Pointers, VersionInfo
 from bootd.state.events import STAGES, BootEvent
 from bootd.state.leases import Lease, LeaseState
 
 MEMBERS = "members/"
 LEASES = "leases/"
 NODES = "nodes/"
+# records mirrored whole and written by compare-and-swap (rules 9 and 10)
+IMAGES = "images/"
+ROLLOUTS = "rollouts/"
+SHARED = (IMAGES, ROLLOUTS)
 
 
 def owner(client: str, members: Sequence[str]) -> str | None:
@@ -201,3 +217,136 @@ def member_of(prefix: str, key: bytes) -> str | None:
     text = key.decode(errors="replace")
     start = prefix + MEMBERS
     return text[len(start):] or None if text.startswith(start) else None
+
+
+# ---------------------------------------------------------------------------- images (rule 9)
+
+VERSIONS_PART = "/versions/"
+POINTERS_PART = "/pointers"
+
+
+def image_pointers_key(prefix: str, name: str) -> bytes:
+    return f"{prefix}{IMAGES}{name}{POINTERS_PART}".encode()
+
+
+def image_version_key(prefix: str, name: str, version: str) -> bytes:
+    return f"{prefix}{IMAGES}{name}{VERSIONS_PART}{version}".encode()
+
+
+def image_key_of(prefix: str, key: bytes) -> tuple[str, str | None] | None:
+    """(image, version) for a version record's key, (image, None) for a pointers key,
+    None for anything else."""
+    text = key.decode(errors="replace")
+    start = prefix + IMAGES
+    if not text.startswith(start):
+        return None
+    rest = text[len(start):]
+    if rest.endswith(POINTERS_PART) and "/" not in rest[:-len(POINTERS_PART)]:
+        return rest[:-len(POINTERS_PART)], None
+    name, sep, version = rest.partition(VERSIONS_PART)
+    if sep and name and version and "/" not in name + version:
+        return name, version
+    return None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A version as the cluster knows it (rule 9)."""
+
+    info: VersionInfo
+    by: str  # the member that added it
+    pruned: float | None = None  # when it was pruned: members delete their copies
+
+
+def encode_version(record: VersionRecord) -> bytes:
+    doc: dict[str, object] = {"added": record.info.added, "cmdline": record.info.cmdline,
+                              "files": record.info.files_json(), "by": record.by}
+    if record.pruned is not None:
+        doc["pruned"] = record.pruned
+    return orjson.dumps(doc)
+
+
+def decode_version(name: str, version: str, value: bytes) -> VersionRecord:
+    """BadRecord if it is not a version record whose name is its content."""
+    try:
+        doc = orjson.loads(value)
+        info = VersionInfo.from_json(name, version, doc)
+        pruned = doc.get("pruned")
+        record = VersionRecord(info, str(doc.get("by", "")),
+                               None if pruned is None else float(pruned))
+    except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as exc:
+        raise BadRecord(f"image {name}@{version}: {exc}") from exc
+    if version_id(info.digests, info.cmdline) != version:  # what a fetch is checked by
+        raise BadRecord(f"image {name}@{version}: the version does not name its content")
+    return record
+
+
+def encode_pointers(pointers: Pointers) -> bytes:
+    return orjson.dumps(pointers.to_json())
+
+
+def decode_pointers(name: str, value: bytes) -> Pointers:
+    try:
+        doc = orjson.loads(value)
+        if not isinstance(doc, dict):
+            raise BadRecord("not an object")
+        return Pointers.from_json(doc)
+    except BadRecord:
+        raise
+    except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError) as exc:
+        raise BadRecord(f"image {name} pointers: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Fetch:
+    name: str
+    version: str
+    sources: tuple[str, ...]  # members that hold it, the adder first
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What one member does to its image store to match the cluster's (rule 9)."""
+
+    publish: tuple[tuple[str, str], ...] = ()  # held here, unknown to the cluster
+    delete: tuple[tuple[str, str], ...] = ()  # held here, pruned in the cluster
+    fetch: tuple[Fetch, ...] = ()  # in the cluster, not here, held by a live member
+    stranded: tuple[tuple[str, str], ...] = ()  # in the cluster, held by no live member
+
+
+def sync_plan(me: str, local: Mapping[str, Mapping[str, float]],
+              records: Mapping[str, Mapping[str, VersionRecord]],
+              holders: Mapping[tuple[str, str], Sequence[str]]) -> SyncPlan:
+    """Rule 9 as a plan: `local` is what this member's store holds complete (version ->
+    when it was added), `records` every version record in etcd, `holders` the live
+    members that say they hold each version. A copy older than its version's pruning is
+    deleted, never published again; one added after it (`bootd image add` of the same
+    build again) brings the version back."""
+    publish, delete, fetch, stranded = [], [], [], []
+    for name, versions in sorted(local.items()):
+        for version, added in sorted(versions.items()):
+            record = records.get(name, {}).get(version)
+            if record is None or (record.pruned is not None and added > record.pruned):
+                publish.append((name, version))
+            elif record.pruned is not None:
+                delete.append((name, version))
+    for name, recorded in sorted(records.items()):
+        have = set(local.get(name, ()))
+        for version, known in sorted(recorded.items()):
+            if known.pruned is not None or version in have:
+                continue
+            sources = [m for m in holders.get((name, version), ()) if m != me]
+            if not sources:
+                stranded.append((name, version))
+                continue
+            by = known.by
+            sources.sort(key=lambda m: (m != by, m))
+            fetch.append(Fetch(name, version, tuple(sources)))
+    return SyncPlan(tuple(publish), tuple(delete), tuple(fetch), tuple(stranded))
+
+
+# ---------------------------------------------------------------------------- rollouts (rule 10)
+
+ROLLOUT_CURRENT = ROLLOUTS + "current"
+ROLLOUT_RUNNER = ROLLOUTS + "runner"
+ROLLOUT_HISTORY = ROLLOUTS + "history/"

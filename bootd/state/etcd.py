@@ -35,7 +35,15 @@ Theory of operation
    replaced). A member whose files of an image differ, or who lacks the image, is not
    named as a fallback to nodes booting that image, is logged once, and shows in
    `bootd cluster status`: a node never gets a kernel from one build and an initrd from
-   another.
+   another. A managed version is named by its content, so for `NAME@VERSION` the test
+   is simpler: a member is a fallback if it says it holds that version
+   (`advertise_versions`).
+8. Shared records (cluster rules 9 and 10: `images/`, `rollouts/`) are mirrored whole,
+   key by key with their mod revisions, and written only by `cas`: one transaction that
+   compares every key it touches (and any other it is told to) with the revision the
+   mirror holds, so two members changing one record cannot both win; the loser's mirror
+   takes what etcd holds and the caller decides again. Listeners hear of every key that
+   changed, whoever changed it.
 
 Client: aetcd (asyncio over grpc.aio), chosen after a spike against Debian's etcd 3.4
 (put/get, compare-and-swap transactions, leases and watches all worked; `etcetra` could
@@ -50,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from typing import Any
@@ -67,6 +75,7 @@ from bootd.ops.metrics import Metrics
 from bootd.state.cluster import (
     LEASES,
     NODES,
+    SHARED,
     SHARED_ATTEMPTS,
     SHARED_EVENTS,
     BadRecord,
@@ -175,10 +184,20 @@ class MemberInfo:
     since: float
     # image name -> {part: sha256}: what the member serves (rule 7 of this module)
     images: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # managed image name -> the versions it holds complete (rule 7)
+    versions: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str | None:
+        return f"http://{self.address}:{self.http_port}" if self.address else None
 
 
 class SessionLost(Exception):
     pass
+
+
+class NotRegistered(Exception):
+    """A shared record cannot be written now: this member has no etcd session."""
 
 
 class EtcdCluster:
@@ -215,6 +234,10 @@ class EtcdCluster:
         self._recorder: Recorder | None = None
         self._news: set[str] = set()
         self._unmerged: dict[str, list[BootEvent]] = {}
+        # rule 8: shared records by key -> (value, mod revision), and who hears of changes
+        self._kv: dict[bytes, tuple[bytes, int]] = {}
+        self._listeners: list[Callable[[bytes], None]] = []
+        self._versions: dict[str, list[str]] = {}  # what this member holds (rule 7)
 
     # -- what the DHCP path and the rest of the daemon ask
 
@@ -235,17 +258,37 @@ class EtcdCluster:
         view = self.membership()
         if not view.registered:
             return ()
-        mine = self._images.get(image) if image is not None else None
+        name_of, _, version = (image or "").partition("@")
+        mine = self._images.get(image) if image is not None and not version else None
         out = []
         for name in ranked(mac, view.members):
             info = self._members.get(name)
             if name == self.me or info is None or not info.address or not info.http_port:
                 continue
+            if version and version not in info.versions.get(name_of, ()):
+                continue  # it has not fetched that version (yet)
             if mine is not None and info.images.get(image or "") != mine:
                 self._mismatch(name, image or "", info)
                 continue
             out.append(f"http://{info.address}:{info.http_port}")
         return tuple(out)
+
+    def holders(self, name: str, version: str) -> list[str]:
+        """The live members that say they hold NAME@VERSION (this one included)."""
+        view = self.membership()
+        return [m for m in view.members
+                if (info := self._members.get(m)) is not None
+                and version in info.versions.get(name, ())]
+
+    def member(self, name: str) -> MemberInfo | None:
+        return self._members.get(name)
+
+    async def advertise_versions(self, held: dict[str, list[str]]) -> None:
+        """The managed versions this member holds complete (rule 7)."""
+        if held == self._versions:
+            return
+        self._versions = held
+        await self._advertise()
 
     def _mismatch(self, name: str, image: str, info: MemberInfo) -> None:
         if not info.images:
@@ -267,6 +310,9 @@ class EtcdCluster:
         if images == self._images:
             return
         self._images = images
+        await self._advertise()
+
+    async def _advertise(self) -> None:
         client, grant = self._client, self._grant
         if client is None or grant is None or not self.membership().registered:
             return  # the next session writes it
@@ -276,7 +322,79 @@ class EtcdCluster:
                                    self.config.etcd.timeout)
 
     def _info(self) -> bytes:
-        return orjson.dumps({**self._identity, "images": self._images})
+        return orjson.dumps({**self._identity, "images": self._images,
+                             "versions": self._versions})
+
+    # -- shared records (rule 8)
+
+    def key(self, relative: str) -> bytes:
+        return f"{self.prefix}{relative}".encode()
+
+    def shared(self, key: bytes) -> tuple[bytes, int] | None:
+        """A shared record as the mirror holds it: (value, mod revision)."""
+        return self._kv.get(key)
+
+    def shared_items(self, relative_prefix: str) -> list[tuple[bytes, bytes, int]]:
+        start = self.key(relative_prefix)
+        return [(k, v, r) for k, (v, r) in self._kv.items() if k.startswith(start)]
+
+    def on_shared_change(self, listener: Callable[[bytes], None]) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            for listener in self._listeners:
+                try:
+                    listener(key)
+                except Exception:  # a listener's bug must not end the session
+                    log.exception("cluster: a shared-record listener failed")
+
+    async def cas(self, writes: Mapping[bytes, bytes | None],
+                  expect: Mapping[bytes, int] | None = None,
+                  leased: frozenset[bytes] = frozenset()) -> bool:
+        """Write (a value) or delete (None) shared records in one transaction, if every
+        written key, and every key in `expect`, still has the mod revision given
+        (written keys: the mirror's; 0 = absent). True if written; False if another
+        member got there first, and the mirror then holds what etcd holds. `leased`
+        keys live and die with this member's membership lease. NotRegistered without a
+        session; etcd's errors (a timeout, an election) pass through."""
+        client, grant = self._client, self._grant
+        if client is None or grant is None or not self.membership().registered:
+            raise NotRegistered("this member has no etcd session now")
+        compare_on = {key: self._kv.get(key, (b"", 0))[1] for key in writes}
+        compare_on.update(expect or {})
+        keys = list(compare_on)
+        tx = client.transactions
+        ops = [tx.delete(key) if value is None else
+               tx.put(key, value, lease=grant) if key in leased else tx.put(key, value)
+               for key, value in writes.items()]
+        succeeded, responses = await asyncio.wait_for(client.transaction(
+            compare=[tx.mod(key) == compare_on[key] for key in keys], success=ops,
+            failure=[tx.get(key) for key in keys]), self.config.etcd.timeout)
+        if succeeded:
+            for (key, value), response in zip(writes.items(), responses, strict=True):
+                if value is None:
+                    self._kv.pop(key, None)
+                    self._seen[key] = response.response_delete_range.header.revision
+                else:
+                    revision = response.response_put.header.revision
+                    self._kv[key] = (value, revision)
+                    self._seen[key] = revision
+            self._changed(writes)
+            return True
+        changed = []
+        for key, found in zip(keys, responses, strict=True):
+            before = self._kv.get(key)
+            if found:
+                value, meta = found[0]
+                self._kv[key] = (value, meta.mod_revision)
+                self._seen[key] = max(self._seen.get(key, 0), meta.mod_revision)
+            else:
+                self._kv.pop(key, None)
+            if self._kv.get(key) != before:
+                changed.append(key)
+        self._changed(changed)
+        return False
 
     def image_differences(self) -> dict[str, list[str]]:
         """Per other member, the images whose files differ from this member's."""
@@ -567,10 +685,16 @@ class EtcdCluster:
         mirror: dict[IPv4Address, tuple[StoredLease | None, int]] = {}
         seen: dict[bytes, int] = {}
         timelines: dict[str, list[BootEvent]] = {}
+        shared: dict[bytes, tuple[bytes, int]] = {}
+        shared_starts = tuple((self.prefix + p).encode() for p in SHARED)
         for kv in snapshot:
             name = member_of(self.prefix, kv.key)
             if name is not None:
                 members[name] = _member_info(name, kv.value)
+                continue
+            if kv.key.startswith(shared_starts):
+                shared[kv.key] = (kv.value, kv.mod_revision)
+                seen[kv.key] = kv.mod_revision
                 continue
             node = node_of(self.prefix, kv.key)
             if node is not None:
@@ -596,12 +720,15 @@ class EtcdCluster:
             for ip, (found, _) in mirror.items():
                 table.apply_remote(ip, found.lease if found is not None else None)
         self._members, self._mirror, self._seen = members, mirror, seen
+        before, self._kv = self._kv, shared
         self._merge_all(timelines)
         self._loaded.set()
+        self._changed(k for k in before.keys() | shared.keys() if before.get(k) != shared.get(k))
 
     async def _follow(self, watch: Any) -> None:
         prefix = self.prefix
         leases, nodes = (prefix + LEASES).encode(), (prefix + NODES).encode()
+        shared = tuple((prefix + p).encode() for p in SHARED)
         async for event in watch:
             key = event.kv.key
             deleted = event.kind == aetcd.EventKind.DELETE
@@ -612,6 +739,16 @@ class EtcdCluster:
                 else:
                     self._members[name] = _member_info(name, event.kv.value)
                 self._publish()
+            elif key.startswith(shared):
+                revision = event.kv.mod_revision
+                if self._seen.get(key, 0) >= revision:
+                    continue  # our own write (or delete) coming back
+                self._seen[key] = revision
+                if deleted:
+                    self._kv.pop(key, None)
+                else:
+                    self._kv[key] = (event.kv.value, revision)
+                self._changed((key,))
             elif key.startswith(nodes):
                 revision = event.kv.mod_revision
                 if deleted or self._seen.get(key, 0) >= revision:
@@ -689,10 +826,12 @@ def _member_info(name: str, value: bytes) -> MemberInfo:
     try:
         data = orjson.loads(value)
         images = data.get("images") or {}
+        versions = data.get("versions") or {}
         return MemberInfo(name, str(data.get("address", "")), int(data.get("http_port", 0)),
                           float(data.get("since", 0.0)),
                           {str(k): {str(p): str(d) for p, d in v.items()}
-                           for k, v in images.items()})
+                           for k, v in images.items()},
+                          {str(k): frozenset(str(x) for x in v) for k, v in versions.items()})
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         return MemberInfo(name, "", 0, 0.0)
 

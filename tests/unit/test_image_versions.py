@@ -145,8 +145,10 @@ def test_catalog_resolves_pins_pointers_and_damaged_entries(tmp_path: Path) -> N
     old = ImageConfig(kernel=tmp_path / "k", initrd=tmp_path / "i")
     catalog = store.catalog({"legacy": old})
     assert set(catalog.versions["k8s"]) == {v1, v2}  # damaged ones left out, not fatal
+    info = store.info("k8s", v1)
+    assert info is not None
     assert catalog.resolve("k8s", "workers") == BootImage(
-        "k8s", v1, catalog.versions["k8s"][v1])
+        "k8s", v1, catalog.versions["k8s"][v1], info.digests)
     image = catalog.resolve("k8s", "canary")
     assert image is not None and image.ref == f"k8s@{v2}" and image.url_path == f"k8s/{v2}"
     assert catalog.desired_ref(f"k8s@{v1}", "canary") == f"k8s@{v1}"  # a pin wins
