@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +26,7 @@ from bootd.dhcp.transport import open_endpoints
 from bootd.fleet.config import Config, load_config
 from bootd.fleet.images import image_digests
 from bootd.fleet.imagestore import ImageStore
+from bootd.fleet.imagesync import SharedImages
 from bootd.fleet.inventory import NodeProfile
 from bootd.http.admin import admin_app
 from bootd.http.boot import boot_app
@@ -32,7 +35,7 @@ from bootd.http.serve import serve_http
 from bootd.ops.metrics import Metrics
 from bootd.ops.sdnotify import Notifier
 from bootd.power.rollout import NodeSeen
-from bootd.power.rollouts import Rollouts
+from bootd.power.rollouts import Book, LocalBook, Rollouts, SharedBook
 from bootd.runtime import Runtime
 from bootd.state import events
 from bootd.state.etcd import EtcdCluster
@@ -44,6 +47,8 @@ from bootd.tftp.server import start_tftp
 log = structlog.get_logger("bootd")
 
 IMAGE_ADVERTISE_INTERVAL = 10.0  # seconds between checks of this member's image files
+IMAGE_REFRESH_DELAY = 0.2  # seconds from a change of the cluster's image records to a
+# new snapshot: one rebuild for a burst of changed keys
 
 
 async def serve(config_path: Path) -> int:
@@ -92,10 +97,16 @@ async def _serve(config: Config, config_path: Path, store: Store) -> int:
 
 async def _serve_runtime(config: Config, config_path: Path, store: Store, metrics: Metrics,
                          cluster: EtcdCluster | None, runtimes: list[Runtime]) -> int:
+    images = (SharedImages(cluster, ImageStore(config.server.image_store))
+              if cluster is not None else None)
     rt = Runtime(config_path, config, store, metrics,
                  shared=cluster.leases if cluster is not None else None,
-                 peers=cluster.peer_urls if cluster is not None else lambda mac, image: ())
+                 peers=cluster.peer_urls if cluster is not None else lambda mac, image: (),
+                 shared_images=images.catalog if images is not None else None)
     runtimes.append(rt)
+    if images is not None:
+        images.on_change = _Debounced(rt.refresh_images, IMAGE_REFRESH_DELAY)
+        images.on_local_change = rt.refresh_images
     if cluster is not None:
         cluster.attach(rt.recorder)  # one fleet view: timelines shared through etcd
     live = rt.live
@@ -114,20 +125,22 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
         stack.callback(tftp.close)
         flusher = asyncio.create_task(rt.recorder.run_flusher())
         stack.push_async_callback(_cancel_and_wait, flusher)  # flushes what is pending
-        if cluster is not None:
+        if cluster is not None and images is not None:
             advertiser = asyncio.create_task(_advertise_images(rt, cluster))
             stack.push_async_callback(_cancel_and_wait, advertiser)
+            syncer = asyncio.create_task(images.run())
+            stack.push_async_callback(_cancel_and_wait, syncer)
         boot_runner = await stack.enter_async_context(serve_http(
             boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder, rt.approvals),
             host="0.0.0.0", port=server.http_port, drain=drain))
-        rollouts = _rollouts(rt, clustered=cluster is not None)
+        rollouts = _rollouts(rt, cluster, images)
         roller = asyncio.create_task(rollouts.run())
         stack.push_async_callback(_cancel_and_wait, roller)
         await stack.enter_async_context(serve_http(
             admin_app(live.view(lambda s: s.admin), rt.metrics, rt.recorder, rt.reload,
                       Explainer(tuple(ARCH_CODES), lambda *a: _explain(rt, *a)),
                       rt.approvals, cluster.status if cluster is not None else None,
-                      rollouts),
+                      rollouts, images),
             api=server.api))
 
         def summary() -> str:
@@ -168,8 +181,10 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
     return 0
 
 
-def _rollouts(rt: Runtime, clustered: bool) -> Rollouts:
-    """Rollouts over the runtime's pools, nodes, image store and boot events."""
+def _rollouts(rt: Runtime, cluster: EtcdCluster | None,
+              images: SharedImages | None) -> Rollouts:
+    """Rollouts over the runtime's pools, nodes and boot events, kept in the state
+    directory and the image store, or in cluster mode in etcd."""
     server = rt.snapshot.config.server
 
     def pool_nodes(pool: str) -> list[NodeProfile]:
@@ -189,10 +204,31 @@ def _rollouts(rt: Runtime, clustered: bool) -> Rollouts:
             None, node.pool if node else None, outcome,
             MappingProxyType({k: v for k, v in detail.items() if v is not None})))
 
-    return Rollouts(server.state_dir / "rollouts.json", ImageStore(server.image_store),
-                    pool_nodes=pool_nodes, images=lambda: rt.snapshot.boot.images,
-                    seen=seen, repoint=rt.refresh_images, record=record,
-                    clustered=clustered)
+    book: Book = (SharedBook(cluster, images) if cluster is not None and images is not None
+                  else LocalBook(server.state_dir / "rollouts.json",
+                                 ImageStore(server.image_store), time.time))
+    return Rollouts(book, pool_nodes=pool_nodes, seen=seen, repoint=rt.refresh_images,
+                    record=record)
+
+
+class _Debounced:
+    """Calls `action` once, `delay` after the first of a burst of calls (a rollout's
+    transaction changes several records; each is heard)."""
+
+    def __init__(self, action: Callable[[], None], delay: float) -> None:
+        self.action, self.delay = action, delay
+        self._pending: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(self.delay, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = None
+        try:
+            self.action()
+        except Exception:  # the running snapshot stays; the next change tries again
+            log.exception("cannot rebuild the runtime snapshot for new image pointers")
 
 
 async def _advertise_images(rt: Runtime, cluster: EtcdCluster) -> None:

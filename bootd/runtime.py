@@ -37,7 +37,7 @@ from bootd.fleet.directory import NodeDirectory
 from bootd.fleet.filetree import FileTree
 from bootd.fleet.grub import GrubConfigs
 from bootd.fleet.images import ImageCatalog, ImageHashes
-from bootd.fleet.imagestore import ImageStore
+from bootd.fleet.imagestore import ImageStore, SharedCatalog
 from bootd.fleet.inventory import Inventory
 from bootd.fleet.tokens import TokenProvider, providers
 from bootd.http.admin import AdminSettings, ReloadResult
@@ -119,12 +119,15 @@ def build_snapshot(config: Config, store: Store, *, hashes: ImageHashes,
                    tokens: dict[str, TokenProvider] | None = None,
                    shared: Callable[[], list[Lease]] | None = None,
                    peers: Callable[[str, str | None], tuple[str, ...]] = lambda mac, image: (),
+                   shared_images: Callable[[], SharedCatalog] | None = None,
                    ) -> Snapshot:
     """`tokens`: providers to keep (the running ones, when `clusters:` did not change);
-    `shared`: cluster mode's lease records; `peers`: the other members' URLs for a MAC."""
+    `shared`: cluster mode's lease records; `peers`: the other members' URLs for a MAC;
+    `shared_images`: cluster mode's image pointers and version records."""
     inventory = Inventory(config)
     server = config.server
-    images = ImageStore(server.image_store).catalog(config.images)
+    images = ImageStore(server.image_store).catalog(
+        config.images, shared_images() if shared_images is not None else None)
     directory = build_directory(inventory, store, shared, images)
     grub = GrubConfigs(directory, images, server.http_port)
     addresses = {name: a for name in server.interfaces
@@ -154,14 +157,14 @@ class Runtime:
     def __init__(self, config_path: Path, config: Config, store: Store,
                  metrics: Metrics, shared: Callable[[], list[Lease]] | None = None,
                  peers: Callable[[str, str | None], tuple[str, ...]] = lambda mac, image: (),
-                 ) -> None:
+                 shared_images: Callable[[], SharedCatalog] | None = None) -> None:
         self.config_path = config_path
         self.store = store
         self.metrics = metrics
-        self.shared, self.peers = shared, peers
+        self.shared, self.peers, self.shared_images = shared, peers, shared_images
         self.hashes = ImageHashes()
         self.live = Live(build_snapshot(config, store, hashes=self.hashes, shared=shared,
-                                        peers=peers))
+                                        peers=peers, shared_images=shared_images))
         self._count_leases(self.live.current)
         self.recorder = Recorder(store, lambda: self.live.current.events, metrics=metrics)
         self.approvals = Approvals(store)
@@ -195,7 +198,8 @@ class Runtime:
         kept = dict(self.snapshot.boot.tokens) if new.clusters == old.clusters else None
         try:
             snapshot = build_snapshot(new, self.store, hashes=self.hashes, tokens=kept,
-                                      shared=self.shared, peers=self.peers)
+                                      shared=self.shared, peers=self.peers,
+                                      shared_images=self.shared_images)
         except Exception as exc:  # e.g. the store cannot be read: keep what runs
             return self._refuse([f"cannot build the new runtime: {exc}"])
         self.live.swap(snapshot)
@@ -206,11 +210,12 @@ class Runtime:
         return ReloadResult(True, [], restart)
 
     def refresh_images(self) -> None:
-        """The image store's pointers changed (a rollout): the same config, a new
-        snapshot, so that new boots get the version now pointed at."""
+        """The image pointers or versions changed (a rollout, a promote, in cluster mode
+        a version fetched): the same config, a new snapshot, so that new boots get the
+        version now pointed at."""
         snapshot = build_snapshot(self.snapshot.config, self.store, hashes=self.hashes,
                                   tokens=dict(self.snapshot.boot.tokens), shared=self.shared,
-                                  peers=self.peers)
+                                  peers=self.peers, shared_images=self.shared_images)
         self.live.swap(snapshot)
         log.info("image pointers reloaded")
 

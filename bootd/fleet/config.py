@@ -769,6 +769,14 @@ def image_store_of(path: str | Path, env: Mapping[str, str] | None = None) -> Pa
                                         e["msg"]) for e in exc.errors()]) from None
 
 
+def cluster_mode_of(path: str | Path, env: Mapping[str, str] | None = None) -> bool:
+    """Whether a config has a `cluster:` block, read without validating the rest (like
+    image_store_of): `bootd image` then works through the daemon and etcd."""
+    text = expand_env(_read(Path(path)), str(path), os.environ if env is None else env)
+    data, _ = _document(text, str(path))
+    return isinstance(data, dict) and data.get("cluster") is not None
+
+
 def _document(text: str, file: str) -> tuple[object, _SourceMap]:
     """A YAML document and where each of its key paths starts."""
     source = _SourceMap(file)
@@ -893,11 +901,16 @@ def stored_images(root: Path) -> dict[str, set[str]]:
 
 
 def _image_problem(ref: str, unmanaged: Mapping[str, ImageConfig],
-                   managed: Mapping[str, set[str]]) -> str | None:
+                   managed: Mapping[str, set[str]] | None) -> str | None:
+    """`managed` None: cluster mode, where the versions are etcd's and this member may
+    not have fetched one yet (bootd/fleet/imagesync.py); an unknown one boots nothing
+    and `bootd explain` says why."""
     name, _, version = ref.partition("@")
     if name in unmanaged:
         return (f"image {name!r} is declared by paths (one version): {ref!r} cannot pin "
                 "a version" if version else None)
+    if managed is None:
+        return None
     if name not in managed:
         return f"unknown image {name!r} (not under `images:`, not in the image store)"
     if version and version not in managed[name]:
@@ -917,8 +930,9 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         errors.append((("images", name), f"image {name!r} is also in the image store "
                        f"({config.server.image_store / name}): one name, one kind"))
     for loc, prof in _profiles(config):
-        if prof.image is not None and (
-                problem := _image_problem(prof.image, config.images, managed)) is not None:
+        if prof.image is not None and (problem := _image_problem(
+                prof.image, config.images, managed if config.cluster is None else None,
+                )) is not None:
             errors.append(((*loc, "image"), problem))
         if prof.cluster is not None and prof.cluster not in config.clusters:
             errors.append(((*loc, "cluster"), f"unknown cluster {prof.cluster!r}"))

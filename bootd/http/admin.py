@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,6 +18,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bootd.fleet.directory import NodeDirectory
+from bootd.fleet.images import split_ref
+from bootd.fleet.imagestore import ImageStoreError
+from bootd.fleet.imagesync import SharedImages
 from bootd.fleet.inventory import NodeProfile
 from bootd.fleet.mac import normalize_mac
 from bootd.fleet.tokens import TokenProvider
@@ -25,6 +29,7 @@ from bootd.live import View
 from bootd.ops.metrics import Metrics
 from bootd.power.rollouts import RolloutError, Rollouts
 from bootd.state.approvals import Approvals
+from bootd.state.etcd import NotRegistered
 from bootd.state.recorder import Recorder
 
 
@@ -53,6 +58,7 @@ RELOAD = web.AppKey[Reload | None]("reload")
 APPROVALS = web.AppKey[Approvals | None]("approvals")
 CLUSTER = web.AppKey[ClusterStatus | None]("cluster")
 ROLLOUTS = web.AppKey[Rollouts | None]("rollouts")
+IMAGES = web.AppKey[SharedImages | None]("images")
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
@@ -232,9 +238,9 @@ async def rollout_start(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text='bootd: expected {"pool": ..., "image": '
                                       '"NAME@VERSION", ...}\n') from None
     try:
-        started = _rollouts(request).start(pool, image, canary=canary,
-                                           max_unavailable=max_unavailable,
-                                           max_failed=max_failed, timeout=timeout)
+        started = await _rollouts(request).start(pool, image, canary=canary,
+                                                 max_unavailable=max_unavailable,
+                                                 max_failed=max_failed, timeout=timeout)
     except RolloutError as exc:
         raise web.HTTPConflict(text=f"bootd: {exc}\n") from None
     return web.json_response(started.to_json())
@@ -250,9 +256,97 @@ async def rollout_verb(request: web.Request) -> web.Response:
     if change is None:
         raise web.HTTPNotFound(text=f"bootd: no rollout verb {verb!r}\n")
     try:
-        return web.json_response(change().to_json())
+        return web.json_response((await change()).to_json())
     except RolloutError as exc:
         raise web.HTTPConflict(text=f"bootd: {exc}\n") from None
+
+
+# ---------------------------------------------------------------------------- images
+# Cluster mode only: the pointers and version records are etcd's (bootd/fleet/imagesync.py),
+# so `bootd image` asks a member. A single instance's store is files the CLI changes itself.
+
+
+def _images(request: web.Request) -> SharedImages:
+    images = request.app[IMAGES]
+    if images is None:
+        raise web.HTTPNotFound(text="bootd: not in cluster mode: `bootd image` works on "
+                                    "the image store directly\n")
+    return images
+
+
+def _running(request: web.Request) -> Counter[str]:
+    """How many nodes report each image reference."""
+    directory = request.app[SETTINGS].get().directory
+    recorder = _wired(request, RECORDER, "the event recorder")
+    rows = recorder.status_document(directory.nodes, directory.inventory.network_name,
+                                    desired=directory.desired_image)["nodes"]
+    return Counter(str(r["image"]) for r in rows if r.get("image"))
+
+
+async def _image_change(change: Awaitable[T]) -> T:
+    try:
+        return await change
+    except ImageStoreError as exc:
+        raise web.HTTPConflict(text=f"bootd: {exc}\n") from None
+    except NotRegistered as exc:
+        raise web.HTTPServiceUnavailable(text=f"bootd: {exc}\n") from None
+    except (OSError, TimeoutError) as exc:  # etcd did not answer in time
+        raise web.HTTPServiceUnavailable(text=f"bootd: etcd: {exc or 'timed out'}\n",
+                                         ) from None
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="bootd: expected a JSON object\n")
+    return body
+
+
+@routes.get("/api/v1/images")
+async def images_list(request: web.Request) -> web.Response:
+    """Every version in the cluster, who holds it and how many nodes run it."""
+    name = request.query.get("name") or None
+    doc = _images(request).listing(name, _running(request))
+    if name and not doc:
+        raise web.HTTPNotFound(text=f"bootd: no image {name!r} in the cluster\n")
+    return web.json_response({"images": doc})
+
+
+@routes.post("/api/v1/images/{name}/{verb}")
+async def images_verb(request: web.Request) -> web.Response:
+    """publish {"version"}, promote {"version"}, rollback, prune {"keep"}."""
+    images, name, verb = _images(request), request.match_info["name"], \
+        request.match_info["verb"]
+    body = await _body(request)
+    version = str(body.get("version", ""))
+    if verb == "publish":
+        promoted = await _image_change(images.publish(name, version))
+        return web.json_response({"promoted": promoted})
+    if verb == "promote":
+        ptr = await _image_change(images.promote(name, version))
+    elif verb == "rollback":
+        ptr = await _image_change(images.rollback(name))
+    elif verb == "prune":
+        try:
+            keep = int(body.get("keep", 2))
+        except (TypeError, ValueError):
+            raise web.HTTPBadRequest(text="bootd: keep must be a number\n") from None
+        directory = request.app[SETTINGS].get().directory
+        profiles = [*directory.nodes]
+        if directory.inventory.catch_all is not None:
+            profiles.append(directory.inventory.catch_all.base)
+        pinned = {v for n in profiles if n.image and (ref := split_ref(n.image))[0] == name
+                  and (v := ref[1]) is not None}
+        running = {split_ref(ref)[1] or "" for ref in _running(request)
+                   if split_ref(ref)[0] == name}
+        removed = await _image_change(images.prune(name, keep, running | pinned))
+        return web.json_response({"pruned": removed})
+    else:
+        raise web.HTTPNotFound(text=f"bootd: no image verb {verb!r}\n")
+    return web.json_response(ptr.to_json())
 
 
 @routes.post("/api/v1/reload")
@@ -267,7 +361,7 @@ def admin_app(settings: View[AdminSettings], metrics: Metrics,
               recorder: Recorder | None = None, reload: Reload | None = None,
               explainer: Explainer | None = None, approvals: Approvals | None = None,
               cluster: ClusterStatus | None = None, rollouts: Rollouts | None = None,
-              ) -> web.Application:
+              images: SharedImages | None = None) -> web.Application:
     """The admin API, and the status page (bootd.http.page) that draws its answers."""
     app = web.Application()
     app[SETTINGS] = settings
@@ -277,6 +371,7 @@ def admin_app(settings: View[AdminSettings], metrics: Metrics,
     app[APPROVALS] = approvals
     app[CLUSTER] = cluster
     app[ROLLOUTS] = rollouts
+    app[IMAGES] = images
     app.add_routes(routes)
     add_page(app, PageSources(lambda: settings.get().directory, recorder, explainer,
                               asyncio.Event()))

@@ -248,13 +248,24 @@ async def _node_script(settings: BootSettings, mac: str, request: web.Request,
         return give_up(f"no image is configured for {node.name}" if node.image is None
                        else f"image {node.image} of {node.name} is not on the server")
     files = image.files
-    missing = [str(p) for p in (files.kernel, files.initrd) if version_of(p) is None]
-    if missing:
-        log.error("http ipxe-script image-missing", **_node_fields(node, mac), missing=missing)
-        return give_up(f"image {image.ref} for {node.name} is missing on the server: "
-                       + ", ".join(missing))
-    rootfs_sha = None
-    if files.rootfs is not None and (version := version_of(files.rootfs)) is not None:
+    if image.remote:
+        # cluster mode: this member has not fetched the version yet; the script's
+        # fallbacks (the members holding it) serve it
+        if not settings.peers(mac, image.ref):
+            log.error("http ipxe-script image-nowhere", **_node_fields(node, mac),
+                      image=image.ref)
+            return give_up(f"image {image.ref} for {node.name} is on no live member yet")
+    else:
+        missing = [str(p) for p in (files.kernel, files.initrd) if version_of(p) is None]
+        if missing:
+            log.error("http ipxe-script image-missing", **_node_fields(node, mac),
+                      missing=missing)
+            return give_up(f"image {image.ref} for {node.name} is missing on the server: "
+                           + ", ".join(missing))
+    # a managed version's digests are in its record: nothing to hash
+    rootfs_sha = image.digests.get("rootfs") if files.rootfs is not None else None
+    if rootfs_sha is None and files.rootfs is not None \
+            and (version := version_of(files.rootfs)) is not None:
         rootfs_sha = await settings.hashes.sha256(version)
     log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
     _event(request, events.IPXE_SCRIPT, node, mac, image=image.ref)

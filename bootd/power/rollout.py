@@ -36,6 +36,10 @@ Rules:
 7. After a restart of bootd, a node whose power cycle was asked for but never confirmed
    by its BMC is cycled again (the restart may have cut the request short); its deadline
    starts again. A confirmed one keeps its deadline.
+8. In cluster mode one member drives a rollout at a time (`runner`); whichever member
+   takes over (the first, or the next when the runner died) does what rule 7 does after
+   a restart (`taken_over`). A BMC's answer names the cycle it answers (`since`): one
+   that arrives after the node moved on (a halt started its revert) changes nothing.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class Rollout:
     finished: float | None = None
     reason: str | None = None  # why it halted, was aborted or paused
     log: tuple[tuple[float, str], ...] = ()
+    runner: str | None = None  # cluster mode: the member driving it (rule 8)
 
     @property
     def active(self) -> bool:
@@ -126,7 +131,7 @@ class Rollout:
                 "phase": self.phase, "nodes": [vars(n) for n in self.nodes],
                 "wave": self.wave, "started": self.started, "updated": self.updated,
                 "finished": self.finished, "reason": self.reason,
-                "log": [list(entry) for entry in self.log]}
+                "log": [list(entry) for entry in self.log], "runner": self.runner}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Rollout:
@@ -134,7 +139,8 @@ class Rollout:
         return cls(str(data["id"]), spec, str(data["phase"]),
                    tuple(NodeProgress(**n) for n in data["nodes"]), int(data["wave"]),
                    float(data["started"]), float(data["updated"]), data.get("finished"),
-                   data.get("reason"), tuple((float(t), str(m)) for t, m in data["log"]))
+                   data.get("reason"), tuple((float(t), str(m)) for t, m in data["log"]),
+                   None if data.get("runner") is None else str(data["runner"]))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -228,10 +234,12 @@ def observe(r: Rollout, seen: NodeSeen, now: float) -> Result:
     return r, []
 
 
-def power_done(r: Rollout, name: str, ok: bool, error: str | None, now: float) -> Result:
-    """A BMC's answer to a PowerPxe: a refusal fails the node (rule 2)."""
+def power_done(r: Rollout, name: str, ok: bool, error: str | None, now: float,
+               since: float | None = None) -> Result:
+    """A BMC's answer to a PowerPxe: a refusal fails the node (rule 2). `since`: the
+    cycle it answers; a stale answer changes nothing (rule 8)."""
     node = r.node(name)
-    if node is None:
+    if node is None or (since is not None and node.since != since):
         return r, []
     if ok:
         if node.state in (BOOTING, REVERTING) and not node.powered:
@@ -273,6 +281,24 @@ def restarted(r: Rollout, now: float) -> Result:
     if again:
         note += "; cycling again " + ", ".join(n.name for n in again)
     cmds: list[Command] = [Step("restarted", None, note)]
+    cmds += [PowerPxe(n.name, "rollout" if n.state == BOOTING else "revert") for n in again]
+    return _logged(r, now, cmds)
+
+
+def taken_over(r: Rollout, member: str, now: float) -> Result:
+    """Rule 8: `member` drives the rollout from now on (after its own restart, too)."""
+    if not r.active:
+        return r, []
+    again = [n for n in r.nodes if n.state in (BOOTING, REVERTING) and not n.powered]
+    nodes = tuple(replace(n, since=now) if n in again else n for n in r.nodes)
+    before = r.runner
+    r = replace(r, nodes=nodes, runner=member, updated=now)
+    note = (f"{member} drives the rollout" if before is None else
+            f"{member} drives the rollout again" if before == member else
+            f"{member} took over the rollout from {before}")
+    if again:
+        note += "; cycling " + ", ".join(n.name for n in again)
+    cmds: list[Command] = [Step("runner", None, note)]
     cmds += [PowerPxe(n.name, "rollout" if n.state == BOOTING else "revert") for n in again]
     return _logged(r, now, cmds)
 
@@ -372,8 +398,9 @@ def _advance(r: Rollout, now: float, cmds: list[Command]) -> Result:
 def _halt(r: Rollout, now: float, why: str, cmds: list[Command]) -> Result:
     spec = r.spec
     back = [n.name for n in r.nodes if n.state in (FAILED, BOOTING)]
-    nodes = tuple(replace(n, state=REVERTING, since=now) if n.name in back else n
-                  for n in r.nodes)
+    # a revert is a new power cycle: unconfirmed until its BMC answers (rule 7)
+    nodes = tuple(replace(n, state=REVERTING, since=now, powered=False) if n.name in back
+                  else n for n in r.nodes)
     r = replace(r, phase=HALTED, nodes=nodes, reason=why, finished=now, updated=now)
     cmds = [*cmds, PointPool(spec.image, spec.pool, spec.pointer_before),
             Step("halted", None, f"halted: {why}; {spec.pool} points back at "

@@ -43,7 +43,7 @@ Theory of operation
    compares every key it touches (and any other it is told to) with the revision the
    mirror holds, so two members changing one record cannot both win; the loser's mirror
    takes what etcd holds and the caller decides again. Listeners hear of every key that
-   changed, whoever changed it.
+   changed, whoever changed it, and of every change of a member's key.
 
 Client: aetcd (asyncio over grpc.aio), chosen after a spike against Debian's etcd 3.4
 (put/get, compare-and-swap transactions, leases and watches all worked; `etcetra` could
@@ -739,6 +739,7 @@ class EtcdCluster:
                 else:
                     self._members[name] = _member_info(name, event.kv.value)
                 self._publish()
+                self._changed((key,))  # what it holds may have changed (rule 7)
             elif key.startswith(shared):
                 revision = event.kv.mod_revision
                 if self._seen.get(key, 0) >= revision:

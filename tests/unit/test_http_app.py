@@ -527,3 +527,46 @@ async def test_requests_naming_unknown_macs_are_remembered_boundedly(
         assert len(recorder.states()) == 5
     finally:
         await client.close()
+
+
+async def test_a_version_this_member_has_not_fetched_boots_from_the_members_that_hold_it(
+        tree: Path) -> None:
+    """Cluster mode (bootd/fleet/images.py rule 4): a version known from etcd but not yet
+    in this member's store: the script names the members holding it after this one,
+    and the rootfs's sha256 comes from the version's record, not from hashing."""
+    from bootd.fleet.images import version_id
+    from bootd.fleet.imagestore import Pointers, SharedCatalog, VersionInfo
+
+    digests = {"kernel": "1" * 64, "initrd": "2" * 64, "rootfs": "3" * 64}
+    version = version_id(digests, "console=ttyS0")
+    info = VersionInfo("fleet", version, 1.0, "console=ttyS0",
+                       {p: 100 for p in digests}, digests)
+    shared = SharedCatalog({"fleet": Pointers(version)}, {"fleet": {version: info}})
+    holders: dict[str, tuple[str, ...]] = {f"fleet@{version}": ("http://10.0.0.2:8080",)}
+    text = make_config(tree).replace(
+        "- {name: other, mac: \"02:00:00:00:00:02\", ip: 127.0.0.2}",
+        "- {name: other, mac: \"02:00:00:00:00:02\", ip: 127.0.0.2, image: fleet}",
+    ).replace("- {name: noimg, mac: \"02:00:00:00:00:03\", ip: 127.0.0.3, image: gone}",
+              f"- {{name: noimg, mac: \"02:00:00:00:00:03\", ip: 127.0.0.3, "
+              f"image: \"fleet@{version}\"}}")
+    text += "cluster: {member: b1, etcd: {endpoints: [\"http://127.0.0.1:2379\"]}}\n"
+    text = text.replace("network: {", f"tftp: {{root: {tree / 'tftp'}, fallback_dirs: []}}\n"
+                        "network: {", 1)
+    snapshot = build_snapshot(parse_config(text), Store(tree / "state.sqlite3"),
+                              hashes=ImageHashes(), shared_images=lambda: shared,
+                              peers=lambda mac, image: holders.get(image or "", ()))
+    client = await client_for(boot_of(snapshot))
+    try:
+        script = await (await client.get("/nodes/02-00-00-00-00-02/boot.ipxe")).text()
+        path = f"/images/fleet/{version}"
+        assert (f"kernel --name vmlinuz http://127.0.0.53:8080{path}/kernel" in script
+                and f"|| kernel --name vmlinuz http://10.0.0.2:8080{path}/kernel" in script)
+        assert f"bootd.rootfs_sha256={'3' * 64}" in script
+        assert "bootd.peers=http://10.0.0.2:8080" in script
+        # this member does not serve what it does not hold
+        assert (await client.get(f"{path}/kernel")).status == 404
+        holders.clear()  # no live member holds it: the node is told, and asks again
+        text = await (await client.get("/nodes/02-00-00-00-00-03/boot.ipxe")).text()
+        assert f"image fleet@{version} for noimg is on no live member yet" in text
+    finally:
+        await client.close()

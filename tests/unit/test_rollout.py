@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -250,10 +251,9 @@ def test_parse_count() -> None:
 
 def test_the_shell_refuses_what_it_cannot_roll_out(tmp_path: Path) -> None:
     from bootd.fleet.config import IpmiConfig, PowerConfig, SecretConfig
-    from bootd.fleet.images import ImageCatalog
     from bootd.fleet.imagestore import ImageStore
     from bootd.fleet.inventory import NodeProfile
-    from bootd.power.rollouts import RolloutError, Rollouts
+    from bootd.power.rollouts import LocalBook, RolloutError, Rollouts
 
     build = tmp_path / "build"
     build.mkdir()
@@ -270,11 +270,10 @@ def test_the_shell_refuses_what_it_cannot_roll_out(tmp_path: Path) -> None:
              "other": [NodeProfile("o1", (), None, "other", image="legacy", power=power)],
              "nopower": [NodeProfile("x1", (), None, "nopower", image="k8s")]}
 
-    def shell(clustered: bool = False) -> Rollouts:
-        return Rollouts(tmp_path / "rollouts.json", store,
-                        pool_nodes=lambda pool: nodes.get(pool, []),
-                        images=lambda: ImageCatalog.of({}), seen=lambda name: None,
-                        repoint=lambda: None, record=lambda *a: None, clustered=clustered)
+    def shell() -> Rollouts:
+        return Rollouts(LocalBook(tmp_path / "rollouts.json", store, lambda: 1000.0),
+                        pool_nodes=lambda pool: nodes.get(pool, []), seen=lambda name: None,
+                        repoint=lambda: None, record=lambda *a: None)
 
     for pool, image, why in [("w", "k8s", "name the version"),
                              ("w", "k8s@ffff", "no version ffff"),
@@ -283,11 +282,9 @@ def test_the_shell_refuses_what_it_cannot_roll_out(tmp_path: Path) -> None:
                              ("other", f"k8s@{version}", "boots legacy"),
                              ("nopower", f"k8s@{version}", "no `power:` for x1")]:
         with pytest.raises(RolloutError, match=re.escape(why)):
-            shell().start(pool, image)
-    with pytest.raises(RolloutError, match="cluster mode"):
-        shell(clustered=True).start("w", f"k8s@{version}")
+            asyncio.run(shell().start(pool, image))
     with pytest.raises(RolloutError, match="no rollout"):
-        shell().pause()
+        asyncio.run(shell().pause())
     # a damaged state file: nothing resumed, the shell still works
     (tmp_path / "rollouts.json").write_text("{not json")
     assert shell().current is None
