@@ -67,7 +67,8 @@ def _explain(rt: Runtime, mac: str, arch: str, ipxe: bool) -> str:
     node = snapshot.directory.resolve(mac)
     port = node.port if node is not None else None
     return explain(snapshot.config, mac, arch, ipxe, port.relay if port else None,
-                   port.circuit_id.decode(errors="replace") if port else None)
+                   port.circuit_id.decode(errors="replace") if port else None,
+                   snapshot.boot.images)
 
 
 async def _join_cluster(config: Config, metrics: Metrics,

@@ -15,7 +15,7 @@ from bootd.dhcp.outcomes import Exhausted, Offered, UnknownRelay, WrongNetwork
 from bootd.dhcp.packet import BOOTREQUEST, DhcpPacket, MessageType, decode, encode
 from bootd.fleet.config import Config
 from bootd.fleet.directory import NodeDirectory
-from bootd.fleet.images import BootImage
+from bootd.fleet.images import BootImage, ImageCatalog
 from bootd.fleet.imagestore import ImageStore
 from bootd.fleet.inventory import Inventory, NodeProfile, PortId
 from bootd.fleet.mac import mac_to_bytes
@@ -84,7 +84,10 @@ def _image_text(node: NodeProfile, image: BootImage | None) -> str:
 
 
 def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
-            relay: IPv4Address | None = None, circuit_id: str | None = None) -> str:
+            relay: IPv4Address | None = None, circuit_id: str | None = None,
+            images: ImageCatalog | None = None) -> str:
+    """`images`: the running snapshot's catalog (the daemon's: in cluster mode the
+    pointers are etcd's); without it, the image store's on this host."""
     inventory = Inventory(config)
     directory = NodeDirectory.build(inventory)
     request = synthetic_discover(mac, arch, ipxe, relay, circuit_id)
@@ -97,8 +100,9 @@ def explain(config: Config, mac: str, arch: str = "bios", ipxe: bool = False,
                    "answer its DHCP, and its iPXE script says so and exits to the next "
                    "boot device")
         return "\n".join(out)
-    image = ImageStore(config.server.image_store).catalog(config.images).resolve(
-        node.image, node.pool)
+    if images is None:
+        images = ImageStore(config.server.image_store).catalog(config.images)
+    image = images.resolve(node.image, node.pool)
     out += [
         f"node      {node.name}{' (catch-all: name from the MAC)' if node.dynamic else ''}",
         f"pool      {node.pool}",

@@ -434,6 +434,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"bootd explain: {exc}", file=sys.stderr)
         return 2
     print(explain(config, mac, args.arch, args.ipxe, args.relay, args.circuit_id))
+    if config.cluster is not None:
+        print("(cluster mode: image pointers are in etcd, not read here; the status "
+              "page's explain, run by the daemon, names the version this node gets)")
     return 0
 
 

@@ -25,8 +25,10 @@ Rules:
    member that holds them (`/images/NAME/V/PART`, the URLs nodes use), each file hashed
    while written and committed only if it matches the record (ImageStore.commit). A
    failed fetch waits (doubling, up to BACKOFF_MAX) before that version is tried again.
-   After each change the member says which versions it holds, and the runtime snapshot
-   is rebuilt so that local files replace remote ones.
+   After each change the runtime snapshot is rebuilt, then the member says which
+   versions it holds (so that what it says it holds, it serves). A store from before
+   cluster mode is published with its promoted version first, and its pointers.json
+   becomes the cluster's pointers when the cluster has none.
 5. `prune` marks records pruned (a tombstone) instead of deleting them, so a member that
    was down meanwhile deletes its copy when it comes back instead of publishing it again.
 """
@@ -42,6 +44,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from prometheus_client import Counter
 
 from bootd.fleet.images import PARTS
 from bootd.fleet.imagestore import (
@@ -70,6 +73,11 @@ from bootd.state.cluster import (
 from bootd.state.etcd import EtcdCluster, NotRegistered
 
 log = structlog.get_logger("bootd.images")
+
+FETCHES = Counter("bootd_image_fetches", "Image versions fetched from another member, by "
+                  "outcome (ok, failed: one source's attempt)", ["outcome"])
+FETCHED_BYTES = Counter("bootd_image_fetched_bytes", "Bytes of image versions fetched from "
+                        "other members")
 
 SYNC_INTERVAL = 5.0  # seconds between store scans when nothing wakes the loop
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 300.0
@@ -231,7 +239,11 @@ class SharedImages:
             writes: dict[bytes, bytes | None] = {version_key: record}
             promoted = ptr.promoted is None
             if promoted:
-                writes[pointers_key] = encode_pointers(ptr.promote(version))
+                # a store from before cluster mode: its pointers.json, if it names this
+                # version, is what the fleet booted; else the first version is promoted
+                seed = self.store.pointers(name)
+                writes[pointers_key] = encode_pointers(
+                    seed if seed.promoted == version else ptr.promote(version))
             if await self.cluster.cas(writes):
                 log.info("cluster: image version published", image=name, version=version,
                          promoted=promoted)
@@ -283,7 +295,9 @@ class SharedImages:
         holders = {(name, version): self.cluster.holders(name, version)
                    for name, versions in records.items() for version in versions}
         plan = sync_plan(self.cluster.me, local, records, holders)
-        for name, version in plan.publish:
+        # a store's own promoted version first (see publish)
+        for name, version in sorted(plan.publish, key=lambda item: (
+                self.store.pointers(item[0]).promoted != item[1], item)):
             await self.publish(name, version)
         for name, version in plan.delete:
             if await asyncio.to_thread(self.store.remove, name, version):
@@ -335,9 +349,12 @@ class SharedImages:
                                                     {p: f"member {source}"
                                                      for p in info.digests})
             except (OSError, TimeoutError, aiohttp.ClientError, ImageStoreError) as exc:
+                FETCHES.labels("failed").inc()
                 log.warning("cluster: image fetch failed", image=ref, source=source,
                             error=str(exc) or type(exc).__name__)
                 continue
+            FETCHES.labels("ok").inc()
+            FETCHED_BYTES.inc(sum(info.sizes.values()))
             log.info("cluster: image version fetched", image=ref, source=source,
                      bytes=sum(info.sizes.values()), new=added.new,
                      seconds=round(time.monotonic() - started, 2))

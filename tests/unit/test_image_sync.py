@@ -438,3 +438,84 @@ def test_a_rollout_is_shared_driven_by_one_member_and_taken_over(tmp_path: Path)
         assert power2.asked.count("n1") == 1
 
     asyncio.run(scenario())
+
+
+def test_a_version_is_fetched_from_a_member_and_checked_against_its_record(
+        tmp_path: Path) -> None:
+    """Rule 4 of imagesync: a member that serves other bytes (a disk that lied, a hostile
+    peer) is not believed; the next round tries again, and the right bytes are kept."""
+    from aiohttp import ClientSession, web
+    from aiohttp.test_utils import TestServer
+
+    served: dict[str, bytes] = {}
+
+    async def part(request: web.Request) -> web.Response:
+        body = served.get(request.match_info["part"])
+        return web.Response(body=body) if body is not None else web.Response(status=404)
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/images/{name}/{version}/{part}", part)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        etcd = FakeEtcd()
+        adder, images_adder = member(etcd, tmp_path, "b1")
+        b, images_b = member(etcd, tmp_path, "b2")
+        adder.url = str(server.make_url("")).rstrip("/")
+        version = images_adder.store.add("k8s", build(tmp_path, "1"),
+                                         own_pointers=False).version
+        await images_adder.publish("k8s", version)
+        adder.versions = {"k8s": [version]}
+        b.deliver()
+        local_changes: list[int] = []
+        images_b.on_local_change = lambda: local_changes.append(1)
+        good = {p: (images_adder.store.root / "k8s" / version / p).read_bytes()
+                for p in ("kernel", "initrd")}
+        try:
+            async with ClientSession() as http:
+                served.update(good, initrd=b"initrd from another build")
+                await images_b.sync_once(http)
+                assert images_b.store.complete() == {}  # refused, nothing left behind
+                assert b.versions == {} and local_changes == []
+                assert list((images_b.store.root / "k8s").iterdir()) == []
+                served.update(good)
+                await images_b.sync_once(http)  # backing off: not tried again yet
+                assert images_b.store.complete() == {}
+                images_b._backoff.clear()
+                await images_b.sync_once(http)
+                assert set(images_b.store.complete()["k8s"]) == {version}
+                assert b.versions == {"k8s": [version]} and local_changes == [1]
+                # the record's `added`, not the fetch's: every member lists one time
+                assert images_b.store.info("k8s", version).added == \
+                    images_adder.store.info("k8s", version).added  # type: ignore[union-attr]
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_store_from_before_cluster_mode_is_published_with_its_pointers(
+        tmp_path: Path) -> None:
+    from aiohttp import ClientSession
+
+    async def scenario() -> None:
+        etcd = FakeEtcd()
+        cluster, images = member(etcd, tmp_path, "b1")
+        v1 = images.store.add("k8s", build(tmp_path, "1")).version  # single instance
+        v2 = images.store.add("k8s", build(tmp_path, "2")).version
+        images.store.promote("k8s", v2)
+        async with ClientSession() as http:
+            await images.sync_once(http)
+        assert set(images.live_versions("k8s")) == {v1, v2}
+        assert images.pointers("k8s") == Pointers(v2, (v1,), {})  # what the fleet booted
+        assert cluster.versions == {"k8s": sorted([v1, v2])}
+        # a second member with its own older store does not override them
+        other, images_other = member(etcd, tmp_path, "b2")
+        images_other.store.add("k8s", build(tmp_path, "3"))
+        other.deliver()
+        async with ClientSession() as http:
+            await images_other.sync_once(http)
+        assert images_other.pointers("k8s") == Pointers(v2, (v1,), {})
+        assert len(images_other.live_versions("k8s")) == 3
+
+    asyncio.run(scenario())
