@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bootd.fleet.config import parse_config
+from bootd.fleet.images import BootImage
 from bootd.fleet.inventory import Inventory
 from bootd.fleet.render import ipxe_node
 from bootd.lab.netlab import NetLab, netns_available
@@ -99,7 +100,8 @@ def start_nginx(lab: NetLab, ns: str, tmp: Path, img: Path) -> subprocess.Popen[
     assert node is not None
     config = parse_config(config_text(img, tmp))
     (prefix / "www" / SCRIPT_PATH.lstrip("/")).write_text(
-        ipxe_node(node, MAC, config.images["k8s"], f"http://{SERVER_IP}:8080", "0" * 64))
+        ipxe_node(node, MAC, BootImage("k8s", None, config.images["k8s"]),
+                  f"http://{SERVER_IP}:8080", "0" * 64))
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
 user root; daemon off; worker_processes 2; error_log {prefix}/error.log; pid {prefix}/nginx.pid;

@@ -30,6 +30,7 @@ from bootd.fleet.imagesync import SharedImages
 from bootd.fleet.inventory import NodeProfile
 from bootd.http.admin import admin_app
 from bootd.http.boot import boot_app
+from bootd.http.fastlane import Lane
 from bootd.http.page import Explainer
 from bootd.http.serve import serve_http
 from bootd.ops.metrics import Metrics
@@ -133,7 +134,7 @@ async def _serve_runtime(config: Config, config_path: Path, store: Store, metric
             stack.push_async_callback(_cancel_and_wait, syncer)
         boot_runner = await stack.enter_async_context(serve_http(
             boot_app(live.view(lambda s: s.boot), rt.metrics, rt.recorder, rt.approvals),
-            host="0.0.0.0", port=server.http_port, drain=drain))
+            host="0.0.0.0", port=server.http_port, drain=drain, front=Lane))
         rollouts = _rollouts(rt, cluster, images)
         roller = asyncio.create_task(rollouts.run())
         stack.push_async_callback(_cancel_and_wait, roller)

@@ -82,6 +82,7 @@ _IMAGE_REF = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}(@[0-9a-f]{1,64})?")  # a rep
 _TOKEN_LIKE = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}", re.IGNORECASE)
 _EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-0+\s*")  # "the last 0 bytes": unsatisfiable
 MAX_CACHED_SCRIPTS = 20_000  # per snapshot; the oldest goes first
+LOOK_AGAIN = 0.05  # seconds: how stale the script lookup's view of an image file may be
 # the boot event an image part's fetch is recorded as
 PART_STAGES = MappingProxyType({"kernel": events.KERNEL, "initrd": events.INITRD,
                                 "rootfs": events.ROOTFS})
@@ -108,6 +109,11 @@ class BootSettings:
     # rendered iPXE scripts of this snapshot, see the module's docstring
     scripts: dict[tuple[str, str, str, str, str | None, tuple[str, ...]], str] = field(
         default_factory=dict, compare=False, repr=False)
+    # what the script lookup last saw of an image file declared by paths, and when
+    looked: dict[Path, tuple[float, FileVersion | None]] = field(
+        default_factory=dict, compare=False, repr=False)
+    urls: dict[IPv4Address | None, str] = field(default_factory=dict, compare=False,
+                                                repr=False)
 
     def node_script(self, node: NodeProfile, mac: str, image: BootImage, url: str,
                     rootfs_sha: str | None) -> str:
@@ -131,8 +137,25 @@ class BootSettings:
 
     def url_for(self, client: IPv4Address | None) -> str:
         """How this client reaches this app: its network's next_server (else
-        server.address) and the HTTP port."""
-        return base_url(str(self.directory.inventory.next_server_for(client)), self.http_port)
+        server.address) and the HTTP port. Kept per client for this snapshot (bounded:
+        a boot LAN's addresses)."""
+        url = self.urls.get(client)
+        if url is None:
+            if len(self.urls) >= MAX_CACHED_SCRIPTS:
+                del self.urls[next(iter(self.urls))]
+            url = self.urls[client] = base_url(
+                str(self.directory.inventory.next_server_for(client)), self.http_port)
+        return url
+
+    def recent_version(self, path: Path, now: float) -> FileVersion | None:
+        """version_of(path), looked at again once LOOK_AGAIN has passed: a file declared
+        by path that is replaced is seen by the script lookup within LOOK_AGAIN."""
+        seen = self.looked.get(path)
+        if seen is not None and now - seen[0] < LOOK_AGAIN:
+            return seen[1]
+        version = version_of(path)
+        self.looked[path] = (now, version)
+        return version
 
     def image_versions(self) -> list[FileVersion]:
         """The image files present now (hashed in the background at load)."""
@@ -154,13 +177,18 @@ def _settings(request: web.Request) -> BootSettings:
 def _event(request: web.Request, stage: str, node: NodeProfile | None, mac: str | None,
            outcome: str = "ok", **detail: object) -> None:
     """A boot event for `bootd status`; never carries secrets."""
-    recorder = request.app[RECORDER]
+    record_event(request.app[RECORDER], request.remote, stage, node, mac, outcome, **detail)
+
+
+def record_event(recorder: Recorder | None, remote: str | None, stage: str,
+                 node: NodeProfile | None, mac: str | None, outcome: str = "ok",
+                 **detail: object) -> None:
     if recorder is None or (node is None and mac is None):
         return
     # a MAC in a URL is anyone's to invent: refusals of unknown or catch-all machines are
     # remembered boundedly (a node with a history stays, see bootd.state.recorder)
     recorder.record(BootEvent(
-        time.time(), stage, node.name if node else None, mac, request.remote,
+        time.time(), stage, node.name if node else None, mac, remote,
         node.pool if node else None, outcome,
         MappingProxyType({k: v for k, v in detail.items() if v is not None})),
         transient=node is None or (node.dynamic and stage == events.REFUSED))
@@ -223,9 +251,62 @@ async def node_script(request: web.Request) -> web.Response:
                               request)
 
 
+@dataclass(frozen=True)
+class ScriptHit:
+    node: NodeProfile
+    image: BootImage
+    text: str
+
+
+def cached_script(settings: BootSettings, mac: str, client: IPv4Address | None,
+                  ) -> ScriptHit | None:
+    """A node's iPXE script if this snapshot has rendered it from what it would be made
+    of now: every request's first try, and all the fast lane (bootd/http/fastlane.py)
+    answers. A managed version's files never change (imagestore rule 1): no stat; an
+    image declared by paths is looked at every LOOK_AGAIN at most (a replaced file is a
+    new key: the time it takes to be seen is no wider a window than a script fetched
+    just before the replace already has). None
+    when the full path must decide: an unknown node, a missing file, a rootfs not hashed
+    yet, a first request."""
+    node = settings.directory.resolve(mac)
+    if node is None:
+        return None
+    image = settings.images.resolve(node.image, node.pool)
+    if image is None:
+        return None
+    files = image.files
+    rootfs_sha = image.digests.get("rootfs") if files.rootfs is not None else None
+    if image.version is None:
+        now = time.monotonic()
+        if settings.recent_version(files.kernel, now) is None \
+                or settings.recent_version(files.initrd, now) is None:
+            return None
+        if files.rootfs is not None:
+            found = settings.recent_version(files.rootfs, now)
+            rootfs_sha = settings.hashes.cached(found) if found is not None else None
+            if rootfs_sha is None:
+                return None
+    url = settings.url_for(client)
+    text = settings.scripts.get(
+        (node.name, mac, image.ref, url, rootfs_sha, settings.peers(mac, image.ref)))
+    return ScriptHit(node, image, text) if text is not None else None
+
+
+def script_served(recorder: Recorder | None, remote: str | None, hit: ScriptHit,
+                  mac: str) -> None:
+    """What serving a node's script leaves behind: a log line and a boot event."""
+    log.info("http ipxe-script", **_node_fields(hit.node, mac), client=remote)
+    record_event(recorder, remote, events.IPXE_SCRIPT, hit.node, mac, image=hit.image.ref)
+
+
 async def _node_script(settings: BootSettings, mac: str, request: web.Request,
                        ) -> web.Response:
-    url = settings.url_for(_client_ip(request))
+    client = _client_ip(request)
+    hit = cached_script(settings, mac, client)
+    if hit is not None:
+        script_served(request.app[RECORDER], request.remote, hit, mac)
+        return web.Response(text=hit.text, content_type="text/plain")
+    url = settings.url_for(client)
 
     def give_up(what: str) -> web.Response:
         _event(request, events.REFUSED if node is None else events.IPXE_SCRIPT, node, mac,
@@ -267,10 +348,9 @@ async def _node_script(settings: BootSettings, mac: str, request: web.Request,
     if rootfs_sha is None and files.rootfs is not None \
             and (version := version_of(files.rootfs)) is not None:
         rootfs_sha = await settings.hashes.sha256(version)
-    log.info("http ipxe-script", **_node_fields(node, mac), client=request.remote)
-    _event(request, events.IPXE_SCRIPT, node, mac, image=image.ref)
-    return web.Response(text=settings.node_script(node, mac, image, url, rootfs_sha),
-                        content_type="text/plain")
+    hit = ScriptHit(node, image, settings.node_script(node, mac, image, url, rootfs_sha))
+    script_served(request.app[RECORDER], request.remote, hit, mac)
+    return web.Response(text=hit.text, content_type="text/plain")
 
 
 @routes.get("/nodes/{mac}/grub.cfg")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -134,6 +135,7 @@ async def test_node_scripts_render_once_per_snapshot(tree: Path,
         new = tree / "img" / "rootfs.new"
         new.write_bytes(os.urandom(1000))
         new.replace(rootfs)
+        await asyncio.sleep(boot_module.LOOK_AGAIN * 1.5)  # files are looked at that often
         rebuilt = await (await client.get(url)).text()
         assert hashlib.sha256(rootfs.read_bytes()).hexdigest() in rebuilt and rebuilt != first
         assert len(renders) == 2
