@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """TFTP benchmark: bootd vs tftpd-hpa vs dnsmasq's TFTP, same namespaces, same run.
 
-    sudo .venv/bin/python bench/tftp.py [--repeat 5] [--clients 50]
+    sudo .venv/bin/python bench/tftp.py [--repeat 5] [--clients 50,200]
 
 One 1 MiB transfer at blksize 512 and 1468, each with and without windowsize 16 (median
-of --repeat runs), then --clients concurrent transfers of the same file; every received
-file is checked by sha256. Client: atftp (the one Debian client with RFC 7440
-windowsize), driven from inside the client namespace. Neither dnsmasq 2.90 nor tftpd-hpa
-implements windowsize: for them those rows show lock-step speed.
+of --repeat runs), then for each --clients count that many concurrent transfers of the
+same file, lock-step at blksize 512 and 1468 and windowed (16) at 1468; every received
+file is checked by sha256. bootd's peak RSS (VmHWM) is printed after each server run.
+Client: atftp (the one Debian client with RFC 7440 windowsize), driven from inside the
+client namespace. Neither dnsmasq 2.90 nor tftpd-hpa implements windowsize: for them
+those rows show lock-step speed.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--clients", default="50,200",
+                        help="concurrent client counts, comma-separated")
     parser.add_argument("--servers", default="tftpd-hpa,dnsmasq,bootd")
     args = parser.parse_args()
     if (why := netns_available()) is not None:
@@ -128,6 +131,8 @@ def main() -> int:
             raise SystemExit(f"needs {tool} (scripts/install-deps)")
     servers = args.servers.split(",")
     singles = [(512, 0), (512, 16), (1468, 0), (1468, 16)]
+    counts = [int(c) for c in args.clients.split(",")]
+    many = [(c, b, 0) for c in counts for b in (512, 1468)] + [(c, 1468, 16) for c in counts]
     rows: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="bootd-bench-tftp-") as d, NetLab("bdt") as lab:
         tmp = Path(d)
@@ -151,43 +156,51 @@ def main() -> int:
                         raise SystemExit(f"{server}: single transfer failed")
                     times.append(r["elapsed"])
                 row[f"{blksize}/{window}"] = statistics.median(times)
-            for window in (0, 16):
-                r = drive(lab, cli, tmp, sha, 1468, window, args.clients)
-                row[f"many/{window}"] = r
+            for clients, blksize, window in many:
+                row[f"many/{clients}/{blksize}/{window}"] = drive(
+                    lab, cli, tmp, sha, blksize, window, clients)
+            if server == "bootd":
+                status = Path(f"/proc/{bootd_pid(proc)}/status").read_text()
+                row["rss"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
             lab.stop(proc)
             rows[server] = row
             print(f"  {server}: done", flush=True)
 
     mb = SIZE / 1e6
-    print(f"\n1 MiB file; single transfers: median of {args.repeat} (ms, MB/s); "
-          f"then {args.clients} concurrent clients at blksize 1468; atftp client; "
-          "2 cores shared by clients and server")
-    print(f"{'server':10}" + "".join(f"{f'blk {b} win {w or 1}':>18}" for b, w in singles)
-          + f"{'lock-step MB/s':>16}{'win 16 MB/s':>13}")
+    print(f"\n1 MiB file; single transfers: median of {args.repeat} (ms, MB/s); atftp "
+          "client; 2 cores shared by clients and server")
+    print(f"{'server':10}" + "".join(f"{f'blk {b} win {w or 1}':>18}" for b, w in singles))
     for server, row in rows.items():
         line = f"{server:10}"
         for b, w in singles:
             t = float(str(row[f"{b}/{w}"]))
             line += f"{t * 1000:9.1f} {mb / t:6.1f}".rjust(18)
-        for w, width in ((0, 16), (16, 13)):
-            m = row[f"many/{w}"]
+        print(line)
+    print("\nconcurrent clients, MB/s (all clients' bytes over the wall time)")
+    labels = [f"{c}x blk{b}" + (f" w{w}" if w else "") for c, b, w in many]
+    print(f"{'server':10}" + "".join(f"{label:>18}" for label in labels))
+    for server, row in rows.items():
+        line = f"{server:10}"
+        for c, b, w in many:
+            m = row[f"many/{c}/{b}/{w}"]
             assert isinstance(m, dict)
-            ok = "" if m["ok"] == args.clients else f" ({m['ok']:.0f} ok)"
-            line += f"{args.clients * mb / m['elapsed']:.1f}{ok}".rjust(width)
+            ok = "" if m["ok"] == c else f" ({m['ok']:.0f} ok)"
+            line += f"{c * mb / m['elapsed']:.1f}{ok}".rjust(18)
         print(line)
     if "bootd" in rows:
         b = rows["bootd"]
-        print("\nratios bootd/other (speed: higher is better)")
+        print(f"\nbootd peak RSS {float(str(b['rss'])):.1f} MiB")
+        print("ratios bootd/other (speed: higher is better)")
         for other in (s for s in rows if s != "bootd"):
             o = rows[other]
             parts = []
             for bl, w in singles:
                 ratio = float(str(o[f"{bl}/{w}"])) / float(str(b[f"{bl}/{w}"]))
                 parts.append(f"blk {bl} win {w or 1} x{ratio:.2f}")
-            for w in (0, 16):
-                bm, om = b[f"many/{w}"], o[f"many/{w}"]
+            for c, bl, w in many:
+                bm, om = b[f"many/{c}/{bl}/{w}"], o[f"many/{c}/{bl}/{w}"]
                 assert isinstance(bm, dict) and isinstance(om, dict)
-                parts.append(f"{args.clients} clients {'win 16' if w else 'lock-step'} "
+                parts.append(f"{c}x blk{bl} {'win 16' if w else 'lock-step'} "
                              f"x{om['elapsed'] / bm['elapsed']:.2f}")
             print(f"  vs {other}: " + ", ".join(parts))
         lock = float(str(b["1468/0"]))
@@ -195,6 +208,11 @@ def main() -> int:
         print(f"  bootd windowsize 16 vs lock-step, one transfer at blksize 1468: "
               f"x{lock / win:.2f}")
     return 0
+
+
+def bootd_pid(proc: subprocess.Popen[bytes]) -> int:
+    """`ip netns exec` execs the command: the spawned PID is bootd's own."""
+    return proc.pid
 
 
 if __name__ == "__main__":
