@@ -267,10 +267,7 @@ class SharedImages:
                     await self.sync_once(http)
                 except NotRegistered:
                     pass  # the session comes back; the next round tries again
-                except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-                    log.warning("cluster: image sync failed; trying again",
-                                error=str(exc) or type(exc).__name__)
-                except Exception as exc:  # etcd's errors (an election, a timeout)
+                except Exception as exc:  # a disk, a peer, etcd (an election, a timeout)
                     log.warning("cluster: image sync failed; trying again",
                                 error=str(exc) or type(exc).__name__)
                 with contextlib.suppress(TimeoutError):

@@ -519,3 +519,49 @@ def test_a_store_from_before_cluster_mode_is_published_with_its_pointers(
         assert len(images_other.live_versions("k8s")) == 3
 
     asyncio.run(scenario())
+
+
+async def test_the_admin_api_speaks_for_the_cluster_s_images(tree: Path) -> None:
+    from bootd.http.admin import admin_app
+    from bootd.live import View
+    from bootd.ops.metrics import Metrics
+    from bootd.state.recorder import EventPolicy, Recorder
+    from tests.unit.test_http_app import client_for, context
+
+    etcd = FakeEtcd()
+    cluster, images = member(etcd, tree, "b1")
+    other, _ = member(etcd, tree, "b2")
+    version = images.store.add("k8s", build(tree, "1"), own_pointers=False).version
+    recorder = Recorder(None, EventPolicy(600, 2))
+    settings = View.fixed(context(tree).admin)
+    client = await client_for(admin_app(settings, Metrics(), recorder, images=images))
+    plain = await client_for(admin_app(settings, Metrics(), recorder))
+    try:
+        published = await client.post("/api/v1/images/k8s/publish", json={"version": version})
+        assert await published.json() == {"promoted": True}
+        cluster.versions = {"k8s": [version]}
+        listed = (await (await client.get("/api/v1/images")).json())["images"]
+        assert [(d["version"], d["promoted"], d["held_by"], d["missing_on"]) for d in listed] \
+            == [(version, True, ["b1"], ["b2"])]
+        refused = await client.post("/api/v1/images/k8s/promote", json={"version": version})
+        assert refused.status == 409 and "not on b2 yet" in await refused.text()
+        other.versions = {"k8s": [version]}
+        assert (await client.post("/api/v1/images/k8s/promote",
+                                  json={"version": version})).status == 200
+        rollback = await client.post("/api/v1/images/k8s/rollback")
+        assert rollback.status == 409 and "no earlier" in await rollback.text()
+        assert (await client.post("/api/v1/images/k8s/prune", json={"keep": "x"})).status == 400
+        assert (await client.post("/api/v1/images/k8s/prune", data=b"{not")).status == 400
+        assert (await client.post("/api/v1/images/k8s/frob")).status == 404
+        assert (await client.get("/api/v1/images?name=gpu")).status == 404
+        pruned = await client.post("/api/v1/images/k8s/prune", json={"keep": 0})
+        assert await pruned.json() == {"pruned": []}  # the promoted version stays
+        cluster.registered = False  # no etcd session: nothing can be written
+        v2 = images.store.add("k8s", build(tree, "2"), own_pointers=False).version
+        assert (await client.post("/api/v1/images/k8s/publish",
+                                  json={"version": v2})).status == 503
+        single = await plain.get("/api/v1/images")
+        assert single.status == 404 and "not in cluster mode" in await single.text()
+    finally:
+        await client.close()
+        await plain.close()
