@@ -525,15 +525,17 @@ def format_cluster(doc: dict[str, Any], now: float) -> str:
              f"lease records: {doc['leases']}"]
     if doc.get("last_error"):
         lines.append(f"last error: {doc['last_error']}")
-    rows = [("MEMBER", "ADDRESS", "UP", "OWNS")]
+    rows = [("MEMBER", "ADDRESS", "UP", "OWNS", "IMAGE VERSIONS HELD")]
     for m in doc["members"]:
+        held = ", ".join(f"{image} {len(versions)}"
+                         for image, versions in m.get("versions", {}).items()) or "-"
         rows.append((m["name"] + (" (this)" if m["me"] else ""),
                      f"{m['address']}:{m['http_port']}", duration(now - float(m["since"])),
-                     str(m["owns_active_leases"])))
+                     str(m["owns_active_leases"]), held))
     if len(rows) == 1:
         lines.append("no live members seen")
     else:
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
                   for r in rows]
     return "\n".join(lines)

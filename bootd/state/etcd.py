@@ -513,7 +513,9 @@ class EtcdCluster:
             "members": [{"name": name, "address": m.address, "http_port": m.http_port,
                          "since": m.since, "owns_active_leases": counts.get(name, 0),
                          "me": name == self.me,
-                         "images_differ": differences.get(name, [])}
+                         "images_differ": differences.get(name, []),
+                         "versions": {image: sorted(held)
+                                      for image, held in sorted(m.versions.items())}}
                         for name, m in sorted(self._members.items())],
             "leases": sum(1 for stored, _ in self._mirror.values() if stored is not None),
             "etcd": etcd,

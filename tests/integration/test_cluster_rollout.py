@@ -294,6 +294,10 @@ def test_versions_and_rollouts_across_members(lab: Lab) -> None:
         wait_for("pruned copies deleted everywhere", lambda: not any(
             (lab.tmp / m / "images" / "k8s" / v).exists() for m in MEMBERS for v in (v2, v4)))
         assert set(lab.versions(runner)) == {v1, v3}
+        wait_for("every member says it holds two versions", lambda: lab.cli(
+            runner, "cluster", "status").stdout.count("k8s 2") == 3)
+        assert {m["name"]: m["versions"] for m in lab.api(runner, "/api/v1/cluster")[
+            "members"]} == {m: {"k8s": sorted([v1, v3])} for m in MEMBERS}
         for name in MEMBERS:
             assert not lab.log_has(name, "Traceback"), name
     finally:
