@@ -158,8 +158,10 @@ class BootSettings:
         return version
 
     def image_versions(self) -> list[FileVersion]:
-        """The image files present now (hashed in the background at load)."""
-        paths = [image_path(files, part) for files in self.images.all_files() for part in PARTS]
+        """The files of images declared by path present now (hashed in the background at
+        load); a managed version's sha256 is in its record (`_recorded_digest`)."""
+        paths = [image_path(files, part) for files in self.images.unmanaged.values()
+                 for part in PARTS]
         return [v for p in paths if p is not None and (v := version_of(p)) is not None]
 
 
@@ -391,8 +393,18 @@ def _image_version(settings: BootSettings, name: str, version: str | None,
 async def _sha256_response(request: web.Request, version: str | None) -> web.Response:
     settings = _settings(request)
     name, part = request.match_info["image"], request.match_info["part"]
-    digest = await settings.hashes.sha256(_image_version(settings, name, version, part))
+    found = _image_version(settings, name, version, part)
+    digest = _recorded_digest(settings, name, version, part)
+    if digest is None:
+        digest = await settings.hashes.sha256(found)
     return web.Response(text=f"{digest}  {part}\n", content_type="text/plain")
+
+
+def _recorded_digest(settings: BootSettings, name: str, version: str | None,
+                     part: str) -> str | None:
+    """A managed version's sha256 per part, from its record: checked when it entered the
+    store and never changed since (imagestore rule 1), so never hashed again."""
+    return settings.images.digests.get((name, version), {}).get(part) if version else None
 
 
 def _file_response(request: web.Request, version: str | None) -> web.StreamResponse:
@@ -402,7 +414,7 @@ def _file_response(request: web.Request, version: str | None) -> web.StreamRespo
     _refuse_empty_suffix(request, lambda: found.size)
     ref = name if version is None else f"{name}@{version}"
     response = _ImageResponse(found.path, settings, ref, part, _honour_if_range(request, found))
-    digest = settings.hashes.cached(found)
+    digest = _recorded_digest(settings, name, version, part) or settings.hashes.cached(found)
     if digest is not None:
         response.headers["X-Checksum-Sha256"] = digest
     return response
