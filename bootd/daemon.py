@@ -208,9 +208,9 @@ def _rollouts(rt: Runtime, cluster: EtcdCluster | None,
 
     book: Book = (SharedBook(cluster, images) if cluster is not None and images is not None
                   else LocalBook(server.state_dir / "rollouts.json",
-                                 ImageStore(server.image_store), time.time))
-    return Rollouts(book, pool_nodes=pool_nodes, seen=seen, repoint=rt.refresh_images,
-                    record=record)
+                                 ImageStore(server.image_store), time.time,
+                                 repoint=rt.refresh_images))
+    return Rollouts(book, pool_nodes=pool_nodes, seen=seen, record=record)
 
 
 class _Debounced:

@@ -16,7 +16,9 @@ Rules:
 2. Every change is a compare-and-swap on the keys it reads (`EtcdCluster.cas`), retried
    a few times on a lost race with the pointer arithmetic of bootd/fleet/imagestore.py
    applied again to what won, so `promote`, `rollback`, a rollout's pool pointer and
-   `prune` keep the single-instance rules whichever member runs them.
+   `prune` keep the single-instance rules whichever member runs them. A record changed,
+   here or by another member, is heard the same way (`_heard`): the sync loop wakes and
+   the runtime snapshot is rebuilt (`on_change`).
 3. `promote` (and a rollout, bootd/power/rollouts.py) is refused for a version some live
    member does not hold yet: every member must be able to serve what new boots get.
 4. The sync loop (`run`) brings the store to the cluster's view (`sync_plan`): it
@@ -176,8 +178,7 @@ class SharedImages:
             if after == before:
                 return after
             if await self.cluster.cas({key: encode_pointers(after)}):
-                self.on_change()
-                return after
+                return after  # heard as a changed record (`_heard`), like any other
         raise ImageStoreError(f"the pointers of {name} kept changing under this request; "
                               "try again")
 
@@ -216,8 +217,6 @@ class SharedImages:
             found = self.cluster.shared(pointers_key)
             if await self.cluster.cas(writes, expect={
                     pointers_key: found[1] if found is not None else 0}):
-                self._wake.set()
-                self.on_change()
                 return doomed
         raise ImageStoreError(f"the versions of {name} kept changing under this request; "
                               "try again")
@@ -247,14 +246,9 @@ class SharedImages:
             if await self.cluster.cas(writes):
                 log.info("cluster: image version published", image=name, version=version,
                          promoted=promoted)
-                self._wake.set()
-                self.on_change()
                 return promoted
         raise ImageStoreError(f"{name}@{version}: the cluster's records kept changing; "
                               "try again")
-
-    def wake(self) -> None:
-        self._wake.set()
 
     # ------------------------------------------------------------------ sync (rule 4)
 

@@ -28,8 +28,9 @@ Rules:
    by the same path. The power event in the node's timeline bears the time the cycle
    was asked for: the machine may boot and report before its BMC's answer comes back.
 4. The steps a transition returns are logged and counted by the member that made it;
-   the pointers it moved are seen by every member's next runtime snapshot (`repoint`,
-   and in cluster mode the image records' listener).
+   the pointers it moved are seen by the next runtime snapshot: the book rebuilds it
+   (LocalBook's `repoint`), and in cluster mode every member's image records listener
+   does (bootd/fleet/imagesync.py rule 2).
 5. After a restart of a single instance the rollout goes on (rollout.py rule 7); the
    last finished rollouts are kept for `bootd rollout status`.
 """
@@ -119,8 +120,10 @@ class LocalBook:
 
     member: str | None = None
 
-    def __init__(self, path: Path, store: ImageStore, clock: Callable[[], float]) -> None:
-        self.path, self.store = path, store
+    def __init__(self, path: Path, store: ImageStore, clock: Callable[[], float],
+                 repoint: Callable[[], None] = lambda: None) -> None:
+        """`repoint`: rebuild the runtime snapshot after a pointer change."""
+        self.path, self.store, self.repoint = path, store, repoint
         self._current: ro.Rollout | None = None
         self._history: list[dict[str, Any]] = []
         self._token = 0
@@ -175,6 +178,8 @@ class LocalBook:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        if points:
+            self.repoint()
         return True
 
     async def claim(self) -> bool:
@@ -267,16 +272,15 @@ class Rollouts:
     def __init__(self, book: Book, *,
                  pool_nodes: Callable[[str], list[NodeProfile]],
                  seen: Callable[[str], ro.NodeSeen | None],
-                 repoint: Callable[[], None],
                  record: Callable[[str, float, str, dict[str, Any]], None],
                  power: PowerControl | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """`pool_nodes`: a pool's configured nodes; `seen`: what a node was last seen
-        doing; `repoint`: rebuild the runtime snapshot after a pointer change; `record`:
-        a `power` event in a node's timeline (node, when, outcome, detail)."""
+        doing; `record`: a `power` event in a node's timeline (node, when, outcome,
+        detail)."""
         self.book = book
         self.pool_nodes, self.seen = pool_nodes, seen
-        self.repoint, self.record = repoint, record
+        self.record = record
         self.power = power or PowerControl()
         self.clock = clock
         self._driving = book.member is None  # a single instance always drives
@@ -398,8 +402,6 @@ class Rollouts:
                 STEPS.labels(cmd.kind).inc()
                 log.info(f"rollout {cmd.kind}", id=r.id, pool=r.spec.pool,
                          image=r.spec.new_ref, node=cmd.node, message=cmd.message)
-        if any(isinstance(c, ro.PointPool) for c in cmds):
-            self.repoint()
         if self._driving:
             self._power_due(r)
 

@@ -360,7 +360,7 @@ def test_a_rollout_is_shared_driven_by_one_member_and_taken_over(tmp_path: Path)
             fake = FakePower()
             shell = Rollouts(SharedBook(cluster, images),  # type: ignore[arg-type]
                              pool_nodes=lambda pool: nodes, seen=seen.get,
-                             repoint=lambda: None, record=lambda *a: None,
+                             record=lambda *a: None,
                              power=fake, clock=lambda: clock[0])  # type: ignore[arg-type]
             members[name] = (cluster, images, shell, fake)
         b1, images1, shell1, power1 = members["b1"]

@@ -273,7 +273,7 @@ def test_the_shell_refuses_what_it_cannot_roll_out(tmp_path: Path) -> None:
     def shell() -> Rollouts:
         return Rollouts(LocalBook(tmp_path / "rollouts.json", store, lambda: 1000.0),
                         pool_nodes=lambda pool: nodes.get(pool, []), seen=lambda name: None,
-                        repoint=lambda: None, record=lambda *a: None)
+                        record=lambda *a: None)
 
     for pool, image, why in [("w", "k8s", "name the version"),
                              ("w", "k8s@ffff", "no version ffff"),
