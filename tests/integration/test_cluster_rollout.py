@@ -31,16 +31,15 @@ import pytest
 from bootd.lab.bmc import USERNAME, LabBmc
 from bootd.lab.netlab import NetLab
 from tests.integration.conftest import require
+from tests.integration.test_rollout import FAKE_NODE, PASSWORD, build
 
 pytestmark = pytest.mark.netns
 
 MEMBERS = ("b1", "b2", "b3")
 ETCD_IP = "10.80.0.21"
 TTL = 2.0
-PASSWORD = "bmc-s3cret"
 NODES = {"n1": ("02:00:00:80:01:11", "10.80.0.11"), "n2": ("02:00:00:80:01:12", "10.80.0.12"),
          "n3": ("02:00:00:80:01:13", "10.80.0.13")}
-FAKE_NODE = Path(__file__).with_name("fake_node.py")
 
 
 def member_ip(name: str) -> str:
@@ -115,16 +114,6 @@ class Lab:
 
     def log_has(self, name: str, text: str) -> bool:
         return text in (self.tmp / f"{name}.log").read_text()
-
-
-def build(tmp: Path, tag: str, broken: bool = False) -> Path:
-    out = tmp / f"build-{tag}"
-    out.mkdir()
-    (out / "vmlinuz").write_bytes(b"kernel " + tag.encode() * 1000)
-    (out / "initrd.img").write_bytes(b"initrd " + tag.encode() * 1000)
-    (out / "rootfs.squashfs").write_bytes((b"BROKEN " if broken else b"rootfs ")
-                                          + tag.encode() * 200_000)
-    return out
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> float:
